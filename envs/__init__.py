@@ -1,0 +1,1 @@
+"""Gymnasium environments of s2d."""

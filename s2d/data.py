@@ -1,0 +1,333 @@
+"""Datasets, held in memory as uint8 tensors.
+
+Fashion-MNIST and CIFAR fit in memory; augmenting batches of tensors is ~30x faster
+than a DataLoader with PIL transforms on this CPU (see shared/design.md), so every
+dataset is loaded once into ``uint8`` tensors and batches are augmented in torch.
+
+The validation split is carved from the training set with a seeded permutation;
+search and threshold calibration only ever see ``val``, reports use ``test``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s2d.errors import DatasetNotFoundError, UnknownNameError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its input."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether horizontal flips keep the label
+    crop_padding: int = 2
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) uint8 and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None) -> Split:
+        """The first ``n`` samples (all when ``n`` is None); for quick runs and tests."""
+        if n is None or n >= len(self):
+            return self
+        return Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Dataset:
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+    split_seed: int
+    val_size: int
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise UnknownNameError(f"unknown split {name!r}; use train, val or test")
+        return getattr(self, name)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("S2D_CACHE", Path.home() / ".cache" / "s2d"))
+
+
+def _fashion_mnist_candidates(data_dir: str | None) -> list[Path]:
+    paths = []
+    if data_dir:
+        paths.append(Path(data_dir))
+    if os.environ.get("S2D_DATA"):
+        paths.append(Path(os.environ["S2D_DATA"]))
+    paths.append(DEBIAN_FASHION_MNIST)
+    return paths
+
+
+def _find_idx_dir(root: Path) -> Path | None:
+    """A folder holding the four IDX files (raw or .gz), at root or in torchvision's layout."""
+    for cand in (root, root / "FashionMNIST" / "raw", root / "fashion-mnist"):
+        if all((cand / f).exists() or (cand / f"{f}.gz").exists() for f in FASHION_MNIST_FILES):
+            return cand
+    return None
+
+
+def _load_fashion_mnist(data_dir: str | None, download: bool) -> tuple[Split, Split]:
+    from torchvision.datasets import FashionMNIST
+
+    tried = _fashion_mnist_candidates(data_dir)
+    source = next((d for p in tried if (d := _find_idx_dir(p)) is not None), None)
+    if source is None:
+        if download:
+            root = Path(data_dir) if data_dir else _cache_dir()
+            try:
+                train = FashionMNIST(str(root), train=True, download=True)
+                test = FashionMNIST(str(root), train=False, download=True)
+            except Exception as e:  # network errors come in many types
+                raise DatasetNotFoundError(
+                    f"fashion-mnist download failed ({type(e).__name__}: {e}); "
+                    "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir"
+                ) from None
+            return _to_split(train), _to_split(test)
+        raise DatasetNotFoundError(
+            "fashion-mnist not found (tried "
+            + ", ".join(str(p) for p in tried)
+            + "); fix: `apt-get update && apt-get install -y dataset-fashion-mnist`, "
+            "or pass --data-dir DIR / set S2D_DATA, or add --download when online"
+        )
+    # torchvision's reader wants the raw (un-gzipped) files under <root>/FashionMNIST/raw.
+    root = _cache_dir() / "fashion-mnist"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in FASHION_MNIST_FILES:
+        dst = raw / f
+        if dst.exists():
+            continue
+        src = source / f
+        tmp = dst.with_suffix(".tmp")
+        if src.exists():
+            shutil.copyfile(src, tmp)
+        else:
+            with gzip.open(source / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        os.replace(tmp, dst)
+    try:
+        train = FashionMNIST(str(root), train=True)
+        test = FashionMNIST(str(root), train=False)
+    except Exception as e:
+        raise DatasetNotFoundError(
+            f"fashion-mnist files in {source} could not be read ({e}); "
+            f"delete {raw} and reinstall `dataset-fashion-mnist`"
+        ) from None
+    return _to_split(train), _to_split(test)
+
+
+def _to_split(ds) -> Split:
+    data = torch.as_tensor(np.asarray(ds.data))
+    if data.ndim == 3:  # (N, H, W) grayscale
+        data = data.unsqueeze(1)
+    else:  # (N, H, W, C) colour
+        data = data.permute(0, 3, 1, 2)
+    return Split(data.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
+
+
+def _load_cifar(name: str, data_dir: str | None, download: bool) -> tuple[Split, Split]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    root = Path(data_dir or os.environ.get("S2D_DATA") or _cache_dir() / name)
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError:
+        raise DatasetNotFoundError(
+            f"{name} not found in {root}; pass --download (needs network) "
+            "or --data-dir pointing at the extracted torchvision folder"
+        ) from None
+    except Exception as e:
+        raise DatasetNotFoundError(
+            f"{name} download failed ({type(e).__name__}); you look offline: "
+            f"copy the dataset to {root} or pass --data-dir"
+        ) from None
+    return _to_split(train), _to_split(test)
+
+
+def _load_folder_split(path: Path, classes: list[str], image_size: int) -> Split:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).iterdir()):
+            if not f.is_file():
+                continue
+            with Image.open(f) as im:
+                im = im.convert("RGB").resize((image_size, image_size))
+                images.append(torch.as_tensor(np.asarray(im)).permute(2, 0, 1))
+                labels.append(label)
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+
+
+def _load_imagefolder(path: Path, image_size: int, seed: int) -> tuple[Split, Split, list[str]]:
+    """``PATH/train`` and ``PATH/test`` when both exist, else one folder split 85/15."""
+    if not path.is_dir():
+        raise DatasetNotFoundError(
+            f"imagefolder {path} is not a directory; pass imagefolder:PATH with one "
+            "sub-folder per class (or PATH/train and PATH/test)"
+        )
+    has_splits = (path / "train").is_dir() and (path / "test").is_dir()
+    train_root = path / "train" if has_splits else path
+    classes = sorted(d.name for d in train_root.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise DatasetNotFoundError(f"imagefolder {train_root} needs at least two class sub-folders")
+    if has_splits:
+        return (
+            _load_folder_split(train_root, classes, image_size),
+            _load_folder_split(path / "test", classes, image_size),
+            classes,
+        )
+    full = _load_folder_split(train_root, classes, image_size)
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed + 1))
+    n_test = max(1, int(0.15 * len(full)))
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    return (
+        Split(full.images[train_idx], full.labels[train_idx]),
+        Split(full.images[test_idx], full.labels[test_idx]),
+        classes,
+    )
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images[:10000].float() / 255
+    return (
+        tuple(round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist()),
+        tuple(round(v, 4) for v in x.std(dim=(0, 2, 3)).tolist()),
+    )
+
+
+def load_dataset(
+    name: str = "fashion-mnist",
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    val_size: int = 5000,
+    split_seed: int = 0,
+    image_size: int = 32,
+) -> Dataset:
+    """Load a dataset by name with a deterministic train/val split.
+
+    ``image_size`` only applies to ``imagefolder:`` data, which is resized on load.
+    """
+    if name == "fashion-mnist":
+        train, test = _load_fashion_mnist(data_dir, download)
+        info = DatasetInfo(name, 10, 1, 28, (0.2860,), (0.3530,), hflip=True)
+    elif name in ("cifar10", "cifar100"):
+        train, test = _load_cifar(name, data_dir, download)
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        if name == "cifar100":
+            mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+        info = DatasetInfo(name, 10 if name == "cifar10" else 100, 3, 32, mean, std, hflip=True, crop_padding=4)
+    elif name.startswith("imagefolder:"):
+        train, test, classes = _load_imagefolder(Path(name.split(":", 1)[1]), image_size, split_seed)
+        mean, std = _channel_stats(train.images)
+        info = DatasetInfo(name, len(classes), 3, image_size, mean, std, hflip=True, crop_padding=image_size // 8)
+    else:
+        raise UnknownNameError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}")
+    if not 0 < val_size < len(train):
+        raise DatasetNotFoundError(
+            f"--val-size {val_size} must be between 1 and {len(train) - 1} for {name}"
+        )
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    return Dataset(
+        info=info,
+        train=Split(train.images[train_idx], train.labels[train_idx]),
+        val=Split(train.images[val_idx], train.labels[val_idx]),
+        test=test,
+        split_seed=split_seed,
+        val_size=val_size,
+    )
+
+
+class Batches:
+    """Iterates (normalised images, labels) batches of an in-memory split.
+
+    ``augment`` applies random crop with padding and (where the dataset allows)
+    horizontal flips, vectorised over the batch.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        info: DatasetInfo,
+        batch_size: int = 256,
+        *,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.split, self.info, self.batch_size = split, info, batch_size
+        self.shuffle, self.augment, self.device = shuffle, augment, torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        c = len(info.mean)
+        self._mean = torch.tensor(info.mean, device=self.device).view(1, c, 1, 1)
+        self._std = torch.tensor(info.std, device=self.device).view(1, c, 1, 1)
+
+    def __len__(self) -> int:
+        return (len(self.split) + self.batch_size - 1) // self.batch_size
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(self.device, torch.float32) / 255 - self._mean) / self._std
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.info.crop_padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+        rows = (oy[:, None] + torch.arange(h)).to(x.device)
+        cols = (ox[:, None] + torch.arange(w)).to(x.device)
+        if self.info.hflip:
+            flip = torch.rand(n, generator=self.generator) < 0.5
+            cols = torch.where(flip[:, None].to(x.device), cols.flip(1), cols)
+        idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+        idx_c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return padded[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i : i + self.batch_size]
+            x = self.normalise(self.split.images[idx])
+            if self.augment:
+                x = self._augment(x)
+            yield x, self.split.labels[idx].to(self.device)

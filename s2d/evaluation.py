@@ -1,0 +1,63 @@
+"""Accuracy and wall-clock speed of a model on this machine."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from s2d.data import Batches, DatasetInfo, Split
+
+
+@torch.no_grad()
+def logits(model: nn.Module, split: Split, info: DatasetInfo, *, device: str | torch.device = "cpu",
+           batch_size: int = 500) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x).float().cpu() for x, _ in Batches(split, info, batch_size, device=device)])
+    model.train(was_training)
+    return out
+
+
+def accuracy(model: nn.Module, split: Split, info: DatasetInfo, *, device: str | torch.device = "cpu",
+             batch_size: int = 500) -> float:
+    pred = logits(model, split, info, device=device, batch_size=batch_size).argmax(1)
+    return (pred == split.labels).float().mean().item()
+
+
+@dataclass
+class Speed:
+    """Median wall-clock figures; ``per_batch_ms`` is per forward call."""
+
+    batch_size: int
+    per_batch_ms: float
+    img_per_s: float
+    repeats: int
+
+
+@torch.no_grad()
+def measure_speed(forward: Callable[[torch.Tensor], object], x: torch.Tensor, *, repeats: int = 20,
+                  warmup: int = 3, min_seconds: float = 0.0) -> Speed:
+    """Median of ``repeats`` timed calls after ``warmup`` untimed ones.
+
+    ``min_seconds`` keeps repeating until that much time has been spent, which
+    steadies batch-1 figures where one call takes a few milliseconds.
+    """
+    for _ in range(warmup):
+        forward(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        forward(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return Speed(batch_size=len(x), per_batch_ms=med * 1e3, img_per_s=len(x) / med, repeats=len(times))

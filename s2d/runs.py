@@ -1,0 +1,79 @@
+"""Run directories: ``runs/<name>/`` with config, TensorBoard logs and checkpoints.
+
+Running the same command twice resumes the run; a run directory that holds a
+different run is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from s2d.errors import RunDirError
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+@dataclass
+class Run:
+    root: Path
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else {}
+
+
+def open_run(root: str | Path, config: dict[str, Any], *, identity: tuple[str, ...]) -> Run:
+    """Create or reopen a run; ``identity`` keys must match an existing run's config.
+
+    Other keys (e.g. epochs, device) may change between invocations, so a user can
+    extend a run or resume it on another device.
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"run directory {root} is not writable ({e.strerror}); pass --run-dir with a writable path") from None
+    run = Run(root)
+    old = run.config()
+    clash = {k: (old.get(k), config.get(k)) for k in identity if k in old and old.get(k) != config.get(k)}
+    if clash:
+        what = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in clash.items())
+        raise RunDirError(f"run directory {root} holds a different run ({what}); pass a new --run-dir")
+    write_text_atomic(run.config_path, yaml.safe_dump({**old, **config}, sort_keys=False))
+    return run
