@@ -11,8 +11,10 @@ search and threshold calibration only ever see ``val``, reports use ``test``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +126,9 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> tuple[Split, Sp
             "or pass --data-dir DIR / set S2D_DATA, or add --download when online"
         )
     # torchvision's reader wants the raw (un-gzipped) files under <root>/FashionMNIST/raw.
-    root = _cache_dir() / "fashion-mnist"
+    # The cache is keyed by the source folder, so another --data-dir never reads stale files.
+    key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
+    root = _cache_dir() / "fashion-mnist" / key
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for f in FASHION_MNIST_FILES:
@@ -132,13 +136,20 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> tuple[Split, Sp
         if dst.exists():
             continue
         src = source / f
-        tmp = dst.with_suffix(".tmp")
-        if src.exists():
-            shutil.copyfile(src, tmp)
-        else:
-            with gzip.open(source / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        os.replace(tmp, dst)
+        # A private temp name: two processes filling the cache at once never share a file.
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fout:
+                if src.exists():
+                    with open(src, "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+                else:
+                    with gzip.open(source / f"{f}.gz", "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     try:
         train = FashionMNIST(str(root), train=True)
         test = FashionMNIST(str(root), train=False)
@@ -182,16 +193,25 @@ def _load_cifar(name: str, data_dir: str | None, download: bool) -> tuple[Split,
 
 def _load_folder_split(path: Path, classes: list[str], image_size: int) -> Split:
     from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     images, labels = [], []
     for label, cls in enumerate(classes):
+        if not (path / cls).is_dir():
+            raise DatasetNotFoundError(f"imagefolder {path} has no class folder {cls!r} (found in the train folder)")
         for f in sorted((path / cls).iterdir()):
-            if not f.is_file():
-                continue
-            with Image.open(f) as im:
-                im = im.convert("RGB").resize((image_size, image_size))
-                images.append(torch.as_tensor(np.asarray(im)).permute(2, 0, 1))
-                labels.append(label)
+            if not f.is_file() or not f.name.lower().endswith(IMG_EXTENSIONS):
+                continue  # e.g. README.txt, .DS_Store
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB").resize((image_size, image_size))
+                    images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+            except OSError as e:
+                raise DatasetNotFoundError(f"imagefolder image {f} cannot be read ({type(e).__name__}); "
+                                           "remove or replace it") from None
+            labels.append(label)
+    if not images:
+        raise DatasetNotFoundError(f"imagefolder {path} holds no images ({', '.join(IMG_EXTENSIONS)})")
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 

@@ -63,7 +63,11 @@ class TrainConfig:
             raise S2DError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-IDENTITY = ("model", "dataset", "seed", "val_size", "split_seed", "optimizer", "schedule", "batch_size")
+# Keys a resumed run must share with the run on disk: the optimizer and schedule state in
+# last.pt were built from them (a different --lr or --train-limit would be silently ignored
+# or break the schedule's step count).
+IDENTITY = ("model", "dataset", "seed", "val_size", "split_seed", "optimizer", "schedule", "batch_size",
+            "lr", "momentum", "weight_decay", "label_smoothing", "train_limit")
 
 
 def seed_everything(seed: int) -> None:
@@ -91,6 +95,13 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
     cfg.validate()
     data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed)
     info = data.info
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    state = checkpoint.load(last) if last.exists() else None
+    if state is not None and state.get("epochs") != cfg.epochs:  # checked before config.yaml is rewritten
+        raise S2DError(
+            f"{last} was trained for {state.get('epochs')} epochs, not {cfg.epochs}: the schedule "
+            "depends on it; pass the same --epochs or a new --run-dir"
+        )
     run = open_run(run_dir, {"command": "train-base", **asdict(cfg)}, identity=IDENTITY)
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
@@ -99,15 +110,8 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     opt = make_optimizer(model.parameters(), cfg)
     sched = make_scheduler(opt, cfg, steps)
-    last = run.checkpoints / "last.pt"
     start_epoch, history = 0, []
-    if last.exists():
-        state = checkpoint.load(last)
-        if state.get("epochs") != cfg.epochs:
-            raise S2DError(
-                f"{last} was trained for {state.get('epochs')} epochs, not {cfg.epochs}: the schedule "
-                "depends on it; pass the same --epochs or a new --run-dir"
-            )
+    if state is not None:
         checkpoint.load_into(model, state["model_state"], str(last))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -1,0 +1,144 @@
+"""``MultiStageArch``: one point of the search space, as a small validated JSON value.
+
+Example::
+
+    {"stages": [{"width": 0.25, "exit": "layer1.2", "reuse": true},
+                {"width": 1.0, "exit": "output", "reuse": true}],
+     "exit_rule": "max_softmax", "thresholds": [0.9]}
+
+``reuse`` is one flag for every section or a list with one flag per section (a section
+is a run of layers at one resolution). Stage 1 has nothing to reuse; its flag is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from s2d.errors import ArchError, S2DError
+from s2d.transform.exit_rule import EXIT_RULES
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
+
+WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
+MAX_STAGES = 4
+
+
+def channels(width: float, c: int) -> int:
+    """Channels of a C-channel tensor that a stage of this width owns (a prefix, at least 1)."""
+    return min(c, max(1, round(width * c)))
+
+
+@dataclass(frozen=True)
+class Stage:
+    width: float
+    exit: str
+    reuse: tuple[bool, ...] | bool = True
+
+    def reuse_in(self, section: int) -> bool:
+        return self.reuse if isinstance(self.reuse, bool) else self.reuse[section]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"width": self.width, "exit": self.exit,
+                "reuse": self.reuse if isinstance(self.reuse, bool) else list(self.reuse)}
+
+
+@dataclass(frozen=True)
+class MultiStageArch:
+    stages: tuple[Stage, ...]
+    exit_rule: str = "max_softmax"
+    thresholds: tuple[float, ...] = field(default=())
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def key(self) -> str:
+        """Identity of the network (stages only): thresholds do not change the stage outputs."""
+        return json.dumps([s.to_dict() for s in self.stages], sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.stages], "exit_rule": self.exit_rule,
+                "thresholds": list(self.thresholds)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def with_thresholds(self, thresholds: list[float] | tuple[float, ...]) -> MultiStageArch:
+        return MultiStageArch(self.stages, self.exit_rule, tuple(float(t) for t in thresholds))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MultiStageArch:
+        if not isinstance(d, dict) or not isinstance(d.get("stages"), list) or not d["stages"]:
+            raise ArchError('arch must be a JSON object with a non-empty "stages" list')
+        stages = []
+        for i, s in enumerate(d["stages"], 1):
+            if not isinstance(s, dict) or "width" not in s or "exit" not in s:
+                raise ArchError(f'stage {i}: needs "width" and "exit" (and optionally "reuse")')
+            reuse = s.get("reuse", True)
+            if isinstance(reuse, list):
+                if not all(isinstance(r, bool) for r in reuse):
+                    raise ArchError(f"stage {i}: reuse list must hold true/false values")
+                reuse = tuple(reuse)
+            elif not isinstance(reuse, bool):
+                raise ArchError(f"stage {i}: reuse must be true/false or a list of them, got {reuse!r}")
+            try:
+                width = float(s["width"])
+            except (TypeError, ValueError):
+                raise ArchError(f"stage {i}: width must be a number, got {s['width']!r}") from None
+            stages.append(Stage(width, str(s["exit"]), reuse))
+        thresholds = d.get("thresholds", [])
+        if not isinstance(thresholds, list) or not all(isinstance(t, int | float) for t in thresholds):
+            raise ArchError("thresholds must be a list of numbers")
+        return cls(tuple(stages), d.get("exit_rule", "max_softmax"), tuple(float(t) for t in thresholds))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MultiStageArch:
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise S2DError(f"arch file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ArchError(f"arch file {path} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def validate(self, graph: ModelGraph) -> MultiStageArch:
+        """Check the arch against a model; every error names the stage and field."""
+        names = graph.exit_names
+        if not 1 <= len(self.stages) <= MAX_STAGES:
+            raise ArchError(f"an arch has 1 to {MAX_STAGES} stages, got {len(self.stages)}")
+        if self.exit_rule not in EXIT_RULES:
+            raise ArchError(f"unknown exit_rule {self.exit_rule!r}; valid: {', '.join(EXIT_RULES)}")
+        if self.thresholds and len(self.thresholds) != len(self.stages) - 1:
+            raise ArchError(f"thresholds needs one value per stage but the last ({len(self.stages) - 1}), "
+                            f"got {len(self.thresholds)}")
+        prev_w, prev_e = 0.0, -1
+        for i, s in enumerate(self.stages, 1):
+            if not any(abs(s.width - g) < 1e-9 for g in WIDTH_GRID):
+                grid = ", ".join(str(Fraction(g).limit_denominator(8)) for g in WIDTH_GRID)
+                raise ArchError(f"stage {i}: width {s.width} is off the grid ({grid})")
+            if s.exit not in names:
+                raise ArchError(f"stage {i}: unknown exit {s.exit!r}; valid: {', '.join(names)}")
+            e = names.index(s.exit)
+            if s.width < prev_w - 1e-9:
+                raise ArchError(f"stage {i}: width {s.width} is smaller than stage {i - 1}'s {prev_w}")
+            if e < prev_e:
+                raise ArchError(f"stage {i}: exit {s.exit!r} comes before stage {i - 1}'s exit {names[prev_e]!r}")
+            if e == prev_e and abs(s.width - prev_w) < 1e-9:
+                raise ArchError(f"stage {i}: same width and exit as stage {i - 1} (it would compute nothing)")
+            if not isinstance(s.reuse, bool) and len(s.reuse) != graph.num_sections:
+                raise ArchError(f"stage {i}: reuse has {len(s.reuse)} flags but the model has "
+                                f"{graph.num_sections} sections")
+            prev_w, prev_e = s.width, e
+        last = self.stages[-1]
+        if abs(last.width - 1.0) > 1e-9 or last.exit != OUTPUT_EXIT:
+            raise ArchError(f"stage {len(self.stages)} (the last) must have width 1 and exit {OUTPUT_EXIT!r}, "
+                            f"got width {last.width} at {last.exit!r}")
+        return self
+
+
+def static_arch() -> MultiStageArch:
+    """The one-stage arch: the static model itself."""
+    return MultiStageArch((Stage(1.0, OUTPUT_EXIT, True),))

@@ -1,0 +1,68 @@
+"""``DynamicNet``: a materialised multi-stage network for deployment.
+
+Stage 1 runs on the whole batch; samples whose confidence reaches the stage's
+threshold exit; only the rest continue, with the features already computed for
+them. Plain PyTorch modules (``torch.fx.GraphModule``), no masks at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.exit_rule import confidence
+
+
+class DynamicNet(nn.Module):
+    def __init__(self, arch: MultiStageArch, stages: list[fx.GraphModule], cache_in: list[list[str]],
+                 cache_out: list[list[str]]) -> None:
+        super().__init__()
+        if len(arch.thresholds) != arch.num_stages - 1:
+            raise ValueError("DynamicNet needs one threshold per stage but the last (calibrate them first)")
+        self.arch = arch
+        self.stages = nn.ModuleList(stages)
+        self.cache_in, self.cache_out = cache_in, cache_out
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.arch.thresholds
+
+    def set_thresholds(self, thresholds: list[float] | tuple[float, ...]) -> None:
+        self.arch = self.arch.with_thresholds(thresholds)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K) and the 0-based stage each sample exited at (N,)."""
+        n = x.shape[0]
+        idx = torch.arange(n, device=x.device)
+        exit_stage = torch.full((n,), self.arch.num_stages - 1, dtype=torch.long, device=x.device)
+        out: torch.Tensor | None = None
+        cache: tuple[torch.Tensor, ...] = ()
+        for s, stage in enumerate(self.stages):
+            res = stage(x, *cache)
+            logits, cache = res[0], tuple(res[1:])
+            if out is None:
+                out = logits.new_empty((n, logits.shape[1]))
+            if s == len(self.stages) - 1:
+                out[idx] = logits
+                break
+            done = confidence(self.arch.exit_rule, logits) >= self.arch.thresholds[s]
+            out[idx[done]] = logits[done]
+            exit_stage[idx[done]] = s
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            idx, x = idx[keep], x[keep]
+            cache = tuple(c[keep] for c in cache)
+        return out, exit_stage
+
+    @torch.no_grad()
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's logits on every sample (no early exit), e.g. for calibration."""
+        outs, cache = [], ()
+        for stage in self.stages:
+            res = stage(x, *cache)
+            outs.append(res[0])
+            cache = tuple(res[1:])
+        return outs

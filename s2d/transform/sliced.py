@@ -1,0 +1,106 @@
+"""Channel slices of shared layers, and the exit heads.
+
+A ``Sliced*`` module computes a block of output channels from a block of input
+channels with the *shared* weights of a static layer (so supernet training updates
+the static weights); ``materialise()`` copies the slice out into a plain layer for
+deployment, export and FLOP counting.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SlicedConv2d(nn.Module):
+    """Output channels ``out_range`` from input channels ``in_range`` of ``conv``.
+
+    For a depthwise conv the two ranges are the same channels.
+    """
+
+    def __init__(self, conv: nn.Conv2d, out_range: tuple[int, int], in_range: tuple[int, int] | None,
+                 depthwise: bool) -> None:
+        super().__init__()
+        self.conv = conv
+        self.out_range, self.in_range, self.depthwise = out_range, in_range, depthwise
+
+    def _weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        o0, o1 = self.out_range
+        w = self.conv.weight[o0:o1]
+        if not self.depthwise and self.in_range is not None:
+            w = w[:, self.in_range[0]:self.in_range[1]]
+        b = self.conv.bias[o0:o1] if self.conv.bias is not None else None
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._weight()
+        groups = w.shape[0] if self.depthwise else 1
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, groups)
+
+    def materialise(self) -> nn.Conv2d:
+        w, b = self._weight()
+        c = self.conv
+        groups = w.shape[0] if self.depthwise else 1
+        conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], c.kernel_size, c.stride, c.padding, c.dilation,
+                         groups, b is not None).to(w.device)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+        return conv
+
+
+class SlicedBatchNorm2d(nn.Module):
+    """Channels ``channel_range`` of a shared batch norm.
+
+    In training mode the running statistics of those channels are updated in place
+    (slices are views of the shared buffers), with the shared module's momentum.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, channel_range: tuple[int, int]) -> None:
+        super().__init__()
+        self.bn = bn
+        self.channel_range = channel_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.channel_range
+        bn = self.bn
+        use_batch_stats = self.training or bn.running_mean is None
+        return F.batch_norm(
+            x,
+            bn.running_mean[a:b] if bn.running_mean is not None else None,
+            bn.running_var[a:b] if bn.running_var is not None else None,
+            bn.weight[a:b] if bn.weight is not None else None,
+            bn.bias[a:b] if bn.bias is not None else None,
+            use_batch_stats,
+            bn.momentum if bn.momentum is not None else 0.1,
+            bn.eps,
+        )
+
+    def materialise(self) -> nn.BatchNorm2d:
+        a, b = self.channel_range
+        src = self.bn
+        bn = nn.BatchNorm2d(b - a, src.eps, src.momentum, src.affine, src.track_running_stats).to(
+            src.weight.device if src.weight is not None else "cpu")
+        with torch.no_grad():
+            if src.affine:
+                bn.weight.copy_(src.weight[a:b])
+                bn.bias.copy_(src.bias[a:b])
+            if src.track_running_stats:
+                bn.running_mean.copy_(src.running_mean[a:b])
+                bn.running_var.copy_(src.running_var[a:b])
+        return bn.eval()
+
+
+class ExitHead(nn.Module):
+    """CondNAS-style exit classifier: global average pooling, then a linear layer."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(x), 1))

@@ -1,0 +1,230 @@
+"""Code generation: one ``torch.fx.GraphModule`` per stage of a ``MultiStageArch``.
+
+Stage ``s`` (width ``w_s``, exit ``e_s``) computes, for every trunk node up to ``e_s``,
+the output channels ``[k, c)`` that no earlier stage computed there: ``c = c_s(C)``
+and ``k = c_{s-1}(C)`` if stage ``s-1`` reached the node, else 0. Its inputs are the
+image and the cached features of stage ``s-1``; its outputs are its logits and the
+features later stages read. A dense conv's new channels read input channels
+``[0, c_in)`` (reuse on, or the first stage at that node) or only the new ones
+``[c_{s-1}(C_in), c_in)`` (reuse off); every other op is channel-wise. Earlier
+channels never read later ones, so cached features are exact.
+
+The same graph runs with shared supernet weights (``Sliced*`` modules) for training
+and is materialised with copied weights for deployment, export and fvcore.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from s2d.transform.arch import MultiStageArch, channels
+from s2d.transform.graph import ModelGraph, Rule, TrunkNode
+from s2d.transform.sliced import SlicedBatchNorm2d, SlicedConv2d
+
+
+def head_key(exit_name: str, width: float) -> str:
+    """ModuleDict key of the head for (exit, width): no dots allowed there."""
+    return f"{exit_name.replace('.', '_')}__w{round(width * 8)}"
+
+
+@dataclass
+class StageGeometry:
+    """Which channels of which trunk nodes stage ``s`` computes."""
+
+    index: int
+    last: bool
+    exit_index: int  # trunk position of this stage's exit
+    prev_exit_index: int  # trunk position of stage s-1's exit, -1 for the first stage
+    width: float
+    prev_width: float
+
+    def c(self, t: TrunkNode) -> int:
+        return t.channels if t.rule is Rule.INPUT else channels(self.width, t.channels)
+
+    def k(self, t: TrunkNode) -> int:
+        """Channels of ``t`` already computed (and cached) by earlier stages."""
+        if t.rule is Rule.INPUT or t.index > self.prev_exit_index:
+            return 0
+        return channels(self.prev_width, t.channels)
+
+
+def geometries(graph: ModelGraph, arch: MultiStageArch) -> list[StageGeometry]:
+    out, prev_e, prev_w = [], -1, 0.0
+    for i, st in enumerate(arch.stages):
+        e = graph.exit(st.exit).index
+        out.append(StageGeometry(i, i == arch.num_stages - 1, e, prev_e, st.width, prev_w))
+        prev_e, prev_w = e, st.width
+    return out
+
+
+@dataclass
+class _Emitter:
+    """Builds the fx graph of one stage; records which cached nodes it reads."""
+
+    graph: ModelGraph
+    arch: MultiStageArch
+    geo: StageGeometry
+    heads: nn.ModuleDict
+    cache_in: list[str]
+    g: fx.Graph = field(default_factory=fx.Graph)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    reads: set[str] = field(default_factory=set)
+    new: dict[str, fx.Node] = field(default_factory=dict)
+    cached: dict[str, fx.Node] = field(default_factory=dict)
+    memo: dict[tuple[str, int, int], fx.Node] = field(default_factory=dict)
+
+    def _module(self, name: str, m: nn.Module) -> str:
+        self.modules[name] = m
+        return name
+
+    def slice(self, name: str, a: int, b: int) -> fx.Node:
+        """Channels [a, b) of trunk node ``name`` at this stage, from cache and/or new values."""
+        t = self.graph.by_name[name]
+        if t.rule is Rule.INPUT:
+            return self.new[name]
+        if (name, a, b) in self.memo:  # e.g. a block's conv and its shortcut read the same input
+            return self.memo[name, a, b]
+        k = self.geo.k(t)
+        pieces = []
+        if a < k:
+            self.reads.add(name)
+            src = self.cached.get(name)
+            if src is None:  # first pass: only record the read
+                src = self.g.placeholder(f"cache_{name}")
+                self.cached[name] = src
+            hi = min(b, k)
+            pieces.append(src if (a, hi) == (0, k) else self.g.call_function(torch.narrow, (src, 1, a, hi - a)))
+        if b > k:
+            src = self.new[name]
+            lo, hi, c = max(a, k) - k, b - k, self.geo.c(t) - k
+            pieces.append(src if (lo, hi) == (0, c) else self.g.call_function(torch.narrow, (src, 1, lo, hi - lo)))
+        out = pieces[0] if len(pieces) == 1 else self.g.call_function(torch.cat, (pieces, 1))
+        self.memo[name, a, b] = out
+        return out
+
+    def _conv_input_range(self, t: TrunkNode, p: TrunkNode) -> tuple[int, int]:
+        c_in = self.geo.c(p)
+        if p.rule is Rule.INPUT or self.geo.k(t) == 0 or self.arch.stages[self.geo.index].reuse_in(t.section):
+            return 0, c_in
+        own = channels(self.geo.prev_width, p.channels)
+        return (own, c_in) if own < c_in else (0, c_in)  # no own input channels: read what exists
+
+    def node(self, t: TrunkNode) -> None:
+        k, c = self.geo.k(t), self.geo.c(t)
+        if c <= k:
+            return  # every channel of this node is cached
+        name, fxn = t.name, t.node
+        if t.rule in (Rule.CONV, Rule.DEPTHWISE):
+            p = self.graph.by_name[t.inputs[0]]
+            if t.rule is Rule.CONV:
+                lo, hi = self._conv_input_range(t, p)
+                mod = SlicedConv2d(t.module, (k, c), None if p.rule is Rule.INPUT else (lo, hi), depthwise=False)
+                inp = self.slice(p.name, lo, hi)
+            else:
+                mod = SlicedConv2d(t.module, (k, c), (k, c), depthwise=True)
+                inp = self.slice(p.name, k, c)
+            self.new[name] = self.g.call_module(self._module(f"m_{name}", mod), (inp,))
+        elif t.rule is Rule.NORM:
+            inp = self.slice(t.inputs[0], k, c)
+            self.new[name] = self.g.call_module(self._module(f"m_{name}", SlicedBatchNorm2d(t.module, (k, c))), (inp,))
+        else:  # channel-wise and binary ops: same op on the new channels of every tensor input
+            def arg(a):
+                return self.slice(a.name, k, c) if isinstance(a, fx.Node) else a
+
+            args = fx.node.map_arg(fxn.args, arg)
+            kwargs = fx.node.map_arg(fxn.kwargs, arg)
+            if fxn.op == "call_module":
+                target = self._module(f"m_{name}", t.module)
+                self.new[name] = self.g.call_module(target, args, kwargs)
+            elif fxn.op == "call_method":
+                self.new[name] = self.g.call_method(fxn.target, args, kwargs)
+            else:
+                self.new[name] = self.g.call_function(fxn.target, args, kwargs)
+
+    def head(self) -> fx.Node:
+        exit_ = self.graph.exit(self.arch.stages[self.geo.index].exit)
+        t = self.graph.by_name[exit_.node]
+        feats = self.slice(t.name, 0, self.geo.c(t))
+        if not self.geo.last:
+            key = head_key(exit_.name, self.geo.width)
+            return self.g.call_module(self._module(f"head_{key}", self.heads[key]), (feats,))
+        # The last stage runs the static model's own tail (pooling, flatten, classifier).
+        static_modules = dict(self.graph.gm.named_modules())
+        env: dict[fx.Node, fx.Node] = {t.node: feats}
+        for n in self.graph.tail:
+            if n.op == "call_module":
+                target = self._module(f"tail_{n.target.replace('.', '_')}", static_modules[n.target])
+                env[n] = self.g.call_module(target, fx.node.map_arg(n.args, env.__getitem__),
+                                            fx.node.map_arg(n.kwargs, env.__getitem__))
+            else:
+                env[n] = self.g.node_copy(n, env.__getitem__)
+        return env[self.graph.tail[-1]]
+
+    def emit(self, cache_out: list[str]) -> None:
+        x_node = self.graph.trunk[0]
+        self.new[x_node.name] = self.g.placeholder("x")
+        for name in self.cache_in:
+            self.cached[name] = self.g.placeholder(f"cache_{name}")
+        for t in self.graph.trunk[1 : self.geo.exit_index + 1]:
+            self.node(t)
+        logits = self.head()
+        outs = [self.slice(n, 0, self.geo.c(self.graph.by_name[n])) for n in cache_out]
+        self.g.output((logits, *outs))
+
+
+@dataclass
+class StagePlan:
+    """The generated stages of one arch, with what each passes to the next."""
+
+    arch: MultiStageArch
+    stages: list[fx.GraphModule]
+    cache_in: list[list[str]]
+    cache_out: list[list[str]]
+
+
+def build_stages(graph: ModelGraph, arch: MultiStageArch, heads: nn.ModuleDict) -> StagePlan:
+    """Generate every stage of ``arch`` over shared weights (the supernet's)."""
+    geos = geometries(graph, arch)
+    order = {t.name: t.index for t in graph.trunk}
+    # Pass 1: which cached nodes does each stage read directly?
+    direct = []
+    for geo in geos:
+        em = _Emitter(graph, arch, geo, heads, [])
+        em.emit([])
+        direct.append(em.reads)
+    # Pass 2 (backwards): a stage must also forward the cached channels later stages need.
+    cache_in: list[list[str]] = [[] for _ in geos]
+    cache_out: list[list[str]] = [[] for _ in geos]
+    needed: set[str] = set()
+    for geo in reversed(geos):
+        cache_out[geo.index] = sorted(needed, key=order.__getitem__)
+        ins = set(direct[geo.index]) | {n for n in needed if geo.k(graph.by_name[n]) > 0}
+        cache_in[geo.index] = sorted(ins, key=order.__getitem__)
+        needed = ins
+    stages = []
+    for geo in geos:
+        em = _Emitter(graph, arch, geo, heads, cache_in[geo.index])
+        em.emit(cache_out[geo.index])
+        em.g.lint()
+        stages.append(fx.GraphModule(em.modules, em.g, f"Stage{geo.index + 1}"))
+    return StagePlan(arch, stages, cache_in, cache_out)
+
+
+def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
+    """A standalone copy of a stage: sliced weights copied out, batch norm folded into convs."""
+    modules = {}
+    for name, m in stage._modules.items():  # not named_children(): it drops modules registered twice
+        modules[name] = m.materialise() if isinstance(m, SlicedConv2d | SlicedBatchNorm2d) else copy.deepcopy(m)
+    gm = fx.GraphModule(modules, copy.deepcopy(stage.graph), stage.__class__.__name__)
+    gm.eval()
+    if fold_bn:
+        from torch.fx.experimental.optimization import fuse
+
+        gm = fuse(gm, inplace=True, no_trace=True)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm

@@ -1,0 +1,111 @@
+"""``SuperNet``: the static model's weights, once, plus an exit head per (exit, width).
+
+Every ``MultiStageArch`` of the model is a sub-network of the supernet: its stages are
+generated (``stages.build_stages``) over the shared weights, so training one arch
+trains the weights every other arch uses too.
+
+Batch norm: channels are sliced from the shared layers, so an arch uses the static
+model's running statistics by default. Off-diagonal blocks that an arch drops (reuse
+off, channels of later stages) shift the distribution of a layer's output, so
+``recalibrate_bn`` re-estimates the statistics for one arch from a few training
+batches (cumulative average, as in slimmable networks) before it is materialised.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from s2d.transform.arch import WIDTH_GRID, MultiStageArch, channels
+from s2d.transform.dynamic import DynamicNet
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, analyze
+from s2d.transform.sliced import ExitHead
+from s2d.transform.stages import StagePlan, build_stages, head_key, materialise
+
+
+class SuperNet(nn.Module):
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
+                 widths: Iterable[float] = WIDTH_GRID, plan_cache_size: int = 64) -> None:
+        super().__init__()
+        self.graph: ModelGraph = analyze(model, input_shape)
+        self.static = self.graph.gm
+        self.num_classes = num_classes
+        self.widths = tuple(widths)
+        heads = {}
+        for e in self.graph.exits:
+            for w in self.widths:
+                if e.name == OUTPUT_EXIT and w == 1.0:
+                    continue  # the static classifier (the tail) serves here
+                heads[head_key(e.name, w)] = ExitHead(channels(w, e.channels), num_classes)
+        self.heads = nn.ModuleDict(heads)
+        self._plans: OrderedDict[str, StagePlan] = OrderedDict()
+        self._plan_cache_size = plan_cache_size
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.graph.input_shape
+
+    def validate(self, arch: MultiStageArch) -> MultiStageArch:
+        return arch.validate(self.graph)
+
+    def plan(self, arch: MultiStageArch) -> StagePlan:
+        """Generated stages of ``arch`` over the shared weights (cached, LRU)."""
+        key = arch.key()
+        plan = self._plans.get(key)
+        if plan is None:
+            self.validate(arch)
+            plan = build_stages(self.graph, arch, self.heads)
+            self._plans[key] = plan
+            if len(self._plans) > self._plan_cache_size:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        for st in plan.stages:
+            st.train(self.training)
+        return plan
+
+    def forward_stages(self, x: torch.Tensor, arch: MultiStageArch) -> list[torch.Tensor]:
+        """Every stage's logits, each stage computed incrementally from the previous one's cache."""
+        outs, cache = [], ()
+        for stage in self.plan(arch).stages:
+            res = stage(x, *cache)
+            outs.append(res[0])
+            cache = tuple(res[1:])
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The static model (full width, final exit)."""
+        return self.static(x)
+
+    @torch.no_grad()
+    def recalibrate_bn(self, arch: MultiStageArch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       num_batches: int = 20) -> None:
+        """Re-estimate batch-norm statistics for ``arch`` (every channel is computed once per batch)."""
+        bns = [m for m in self.static.modules() if isinstance(m, nn.BatchNorm2d)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+        was_training = self.training
+        self.train()
+        try:
+            for i, (x, _) in enumerate(batches):
+                if i >= num_batches:
+                    break
+                for m in bns:
+                    m.momentum = 1.0 / (i + 1)  # cumulative average over the batches seen
+                self.forward_stages(x, arch)
+        finally:
+            for m, mom in zip(bns, saved, strict=True):
+                m.momentum = mom
+            self.train(was_training)
+
+    def materialise(self, arch: MultiStageArch, fold_bn: bool = True) -> DynamicNet:
+        """A standalone ``DynamicNet`` with the arch's weights copied out (thresholds required)."""
+        if len(arch.thresholds) != arch.num_stages - 1:
+            arch = arch.with_thresholds([1.01] * (arch.num_stages - 1))
+        plan = self.plan(arch)
+        stages = [materialise(s, fold_bn=fold_bn) for s in plan.stages]
+        return DynamicNet(arch, stages, plan.cache_in, plan.cache_out).eval()
