@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,7 +65,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, weights_default: str | None = "zoo") -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, e.g. resnet20, mobilenetv2, torchvision:resnet18")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="registry name, e.g. resnet20, mobilenetv2, torchvision:resnet18")
     p.add_argument("--weights", default=weights_default,
                    help="'zoo' (the model zoo's checkpoint for this dataset), a checkpoint path, "
                         "a torchvision weights name, or 'none' for random init")
@@ -88,9 +91,11 @@ def cmd_train_base(args: argparse.Namespace) -> int:
                       schedule=args.schedule, label_smoothing=args.label_smoothing, seed=args.seed,
                       val_size=args.val_size, split_seed=args.split_seed, train_limit=args.train_limit,
                       data_dir=args.data_dir, device=_check_device(args.device))
-    run_dir = args.run_dir or f"runs/train-{args.model.replace(':', '-')}-{args.dataset.replace(':', '-').replace('/', '-')}"
+    dataset = args.dataset.replace(":", "-").replace("/", "-")
+    run_dir = args.run_dir or f"runs/train-{args.model.replace(':', '-')}-{dataset}"
     final = train_static(cfg, run_dir, progress=not args.quiet)
-    print(f"trained {args.model}: val accuracy {final['val_acc']:.4f}; checkpoint {Path(run_dir) / 'checkpoints' / 'model.pt'}")
+    ckpt = Path(run_dir) / "checkpoints" / "model.pt"
+    print(f"trained {args.model}: val accuracy {final['val_acc']:.4f}; checkpoint {ckpt}")
     return 0
 
 
@@ -139,7 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from s2d import __version__
 
-    parser = argparse.ArgumentParser(prog="s2d", description="Turn a pretrained static CNN into a dynamic multi-stage network.")
+    parser = argparse.ArgumentParser(
+        prog="s2d", description="Turn a pretrained static CNN into a dynamic multi-stage network.")
     parser.add_argument("--version", action="version", version=f"s2d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -188,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # fvcore calls torch.jit.script at import; torch 2.14 warns about it on stderr, which would
+    # break the "one line on stderr" promise for every command that counts MACs.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -203,3 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s2d: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("S2D_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"s2d: internal error: {type(e).__name__}: {first} (set S2D_DEBUG=1 for the traceback "
+              "and please report it)", file=sys.stderr)
+        return 1

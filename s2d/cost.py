@@ -17,6 +17,9 @@ from torch import nn
 
 from s2d.data import DatasetInfo
 
+# fvcore traces with torch.jit, which torch now flags as deprecated on every call.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+
 
 @dataclass
 class StaticCost:
@@ -30,10 +33,10 @@ def count_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCount
     """An fvcore analysis with warnings silenced (unsupported ops are read from the result)."""
     was_training = module.training
     module.eval()
-    analysis = FlopCountAnalysis(module, inputs)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with warnings.catch_warnings():  # fvcore's jit tracing warns about torch.jit deprecation
         warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(module, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         analysis.total()  # run the trace now, in eval mode
     module.train(was_training)
     return analysis
@@ -49,3 +52,37 @@ def static_cost(model: nn.Module, info: DatasetInfo) -> StaticCost:
         by_module={k: float(v) for k, v in a.by_module().items()},
         unsupported_ops=dict(Counter(a.unsupported_ops())),
     )
+
+
+def stage_macs(stages: list[nn.Module], input_shape: tuple[int, int, int]) -> tuple[list[float], list[dict[str, int]]]:
+    """Incremental fvcore MACs of each materialised stage, and the ops fvcore skipped in each.
+
+    Stages are counted one by one on a fixed path: stage s gets the cached features
+    stage s-1 produced for a zero image, so the count never depends on exit decisions.
+    """
+    param = next(stages[0].parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    cache: tuple[torch.Tensor, ...] = ()
+    macs, skipped = [], []
+    with torch.no_grad():
+        for stage in stages:
+            a = count_macs(stage, (x, *cache))
+            macs.append(float(a.total()))
+            skipped.append(dict(Counter(a.unsupported_ops())))
+            cache = tuple(stage(x, *cache)[1:])
+    return macs, skipped
+
+
+def average_macs(macs: list[float], exit_rates: list[float]) -> float:
+    """Σ_s P(reach stage s) · incremental MACs(s)."""
+    reach, total = 1.0, 0.0
+    for m, r in zip(macs, exit_rates, strict=True):
+        total += reach * m
+        reach -= r
+    return total
+
+
+def exit_macs(graph, input_shape: tuple[int, int, int]) -> list[float]:
+    """Cumulative static MACs from the image to each exit point of a ``ModelGraph`` (no head)."""
+    x = torch.zeros(1, *input_shape)
+    return [float(count_macs(graph.truncated(e.node), (x,)).total()) for e in graph.exits]

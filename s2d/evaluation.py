@@ -61,3 +61,12 @@ def measure_speed(forward: Callable[[torch.Tensor], object], x: torch.Tensor, *,
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     return Speed(batch_size=len(x), per_batch_ms=med * 1e3, img_per_s=len(x) / med, repeats=len(times))
+
+
+@torch.no_grad()
+def stage_logits(forward_stages: Callable[[torch.Tensor], list[torch.Tensor]], split: Split, info: DatasetInfo, *,
+                 device: str | torch.device = "cpu", batch_size: int = 500) -> torch.Tensor:
+    """Every stage's logits on every sample of ``split``: (S, N, K)."""
+    outs = [torch.stack([o.float().cpu() for o in forward_stages(x)])
+            for x, _ in Batches(split, info, batch_size, device=device)]
+    return torch.cat(outs, dim=1)

@@ -7,9 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2d.cost import static_cost
-from s2d.data import Dataset
-from s2d.evaluation import accuracy, measure_speed
+from s2d.cost import average_macs, stage_macs, static_cost
+from s2d.data import Batches, Dataset
+from s2d.errors import S2DError
+from s2d.evaluation import accuracy, measure_speed, stage_logits
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.dynamic import DynamicNet
+from s2d.transform.exit_rule import calibrate, confidence, exit_rates
+from s2d.transform.supernet import SuperNet
 
 
 def evaluate_static(model: nn.Module, data: Dataset, *, device: str = "cpu", limit: int | None = None,
@@ -48,5 +53,124 @@ def format_eval(r: dict[str, Any]) -> str:
         f"throughput   {r['throughput_img_s_batch256']:.0f} img/s (batch 256, median)",
     ]
     if r.get("fvcore_unsupported_ops"):
-        lines.append(f"not counted  {', '.join(f'{k}×{v}' for k, v in r['fvcore_unsupported_ops'].items())}")
+        lines.append(f"not counted  {', '.join(f'{k}×{v}' for k, v in r['fvcore_unsupported_ops'].items())} "
+                     "(elementwise ops carry no multiply-adds)")
+    if r.get("dynamic"):
+        return "\n".join(lines) + "\n" + format_dynamic(r["dynamic"])
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def measure_dynamic(net: DynamicNet, data: Dataset, costs: list[float], *, device: str = "cpu",
+                    limit: int | None = None, latency_images: int = 200, repeats: int = 20) -> dict[str, Any]:
+    """Test figures of a deployed ``DynamicNet``, with real early exits (not simulated)."""
+    net = net.to(device).eval()
+    test = data.test.subset(limit)
+    preds, exits = [], []
+    for x, _ in Batches(test, data.info, 256, device=device):
+        logits, ex = net(x)
+        preds.append(logits.argmax(1).cpu())
+        exits.append(ex.cpu())
+    pred, ex = torch.cat(preds), torch.cat(exits)
+    rates = exit_rates(ex, net.arch.num_stages)
+    images = Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)
+    x256 = next(iter(images))[0]
+    thr = measure_speed(net, x256, repeats=max(3, repeats // 4))
+    singles = x256[:latency_images].split(1)
+    net(singles[0])
+    lat = [measure_speed(net, xi, repeats=1, warmup=0).per_batch_ms for xi in singles]
+    return {
+        "arch": net.arch.to_dict(),
+        "test_accuracy": (pred == test.labels).float().mean().item(),
+        "test_images": len(test),
+        "stage_macs": costs,
+        "average_macs": average_macs(costs, rates),
+        "exit_rates": rates,
+        "latency_ms_batch1": float(torch.tensor(lat).median()),
+        "throughput_img_s_batch256": thr.img_per_s,
+    }
+
+
+def prepare_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, *, device: str = "cpu",
+                 head_images: int = 20000, recalibrate: bool = True) -> None:
+    """Make an arch of an untrained supernet usable: BN statistics for it, and trained exit heads."""
+    from s2d.finetune import fit_heads
+
+    if arch.num_stages == 1:
+        return
+    if recalibrate:
+        train = Batches(data.train, data.info, 256, shuffle=True, seed=1, device=device)
+        supernet.recalibrate_bn(arch, train, num_batches=20)
+    fit_heads(supernet, arch, data.train.subset(head_images), data.info, device=device)
+
+
+def calibrate_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, costs: list[float], *,
+                   min_accuracy: float, device: str = "cpu") -> tuple[MultiStageArch, dict[str, Any]]:
+    """Thresholds from the validation split (never the test split), and the validation figures."""
+    supernet.eval()
+    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), data.val, data.info, device=device)
+    conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
+    correct = logits.argmax(-1) == data.val.labels[None]
+    thresholds, cost = calibrate(conf, correct, costs, min_accuracy)
+    from s2d.transform.exit_rule import exit_stages
+
+    ex = exit_stages(conf, thresholds)
+    val = {
+        "val_accuracy": correct.gather(0, ex[None])[0].float().mean().item(),
+        "val_stage_accuracy": correct.float().mean(1).tolist(),
+        "val_average_macs": cost,
+        "val_exit_rates": exit_rates(ex, arch.num_stages),
+    }
+    return arch.with_thresholds(thresholds), val
+
+
+def evaluate_dynamic(model_name: str, model: nn.Module, data: Dataset, arch_path: str, static: dict[str, Any], *,
+                     device: str = "cpu", limit: int | None = None, repeats: int = 20,
+                     tolerance: float = 0.005) -> dict[str, Any]:
+    """``s2d eval --arch``: the arch's figures next to the static model's, with their ratios.
+
+    Without a trained supernet the arch's exit heads are fitted on the training split (frozen
+    backbone) and batch norm is recalibrated; thresholds missing from the arch file are
+    calibrated on validation data to stay within ``tolerance`` of the static accuracy there.
+    """
+    info = data.info
+    supernet = SuperNet(model.cpu(), (info.in_channels, info.image_size, info.image_size),
+                        info.num_classes).to(device)
+    arch = supernet.validate(MultiStageArch.load(arch_path))
+    prepare_arch(supernet, arch, data, device=device)
+    costs, skipped = stage_macs(supernet.materialise(arch, fold_bn=False).stages, supernet.input_shape)
+    static_val = accuracy(supernet.static, data.val, info, device=device)
+    calibrated, val = calibrate_arch(supernet, arch, data, costs, min_accuracy=static_val - tolerance,
+                                     device=device)
+    if arch.thresholds:
+        calibrated = arch  # the file's thresholds win; the calibration is reported for comparison
+    if len(calibrated.thresholds) != calibrated.num_stages - 1:
+        raise S2DError("internal: thresholds missing after calibration")
+    net = supernet.materialise(calibrated)
+    out = measure_dynamic(net, data, costs, device=device, limit=limit, repeats=repeats)
+    out.update(val)
+    out["static_val_accuracy"] = static_val
+    out["fvcore_unsupported_ops"] = skipped
+    out["mac_ratio"] = out["average_macs"] / static["macs"]
+    out["speedup_macs"] = static["macs"] / out["average_macs"]
+    out["latency_ratio"] = out["latency_ms_batch1"] / static["latency_ms_batch1"]
+    out["throughput_ratio"] = out["throughput_img_s_batch256"] / static["throughput_img_s_batch256"]
+    out["accuracy_delta"] = out["test_accuracy"] - static["test_accuracy"]
+    return out
+
+
+def format_dynamic(d: dict[str, Any]) -> str:
+    stages = d["arch"]["stages"]
+    lines = ["", "dynamic network"]
+    for i, (st, m, r) in enumerate(zip(stages, d["stage_macs"], d["exit_rates"], strict=True)):
+        th = d["arch"]["thresholds"][i] if i < len(d["arch"]["thresholds"]) else None
+        lines.append(f"  stage {i + 1}: width {st['width']:<5} exit {st['exit']:<12} {m / 1e6:7.2f} M MACs  "
+                     f"exits {r * 100:5.1f} %" + (f"  threshold {th:.3f}" if th is not None else ""))
+    lines += [
+        f"test acc     {d['test_accuracy'] * 100:.2f} % ({d['accuracy_delta'] * 100:+.2f} points vs static)",
+        f"avg MACs     {d['average_macs'] / 1e6:.2f} M "
+        f"({d['mac_ratio']:.3f} of static, {d['speedup_macs']:.2f}x fewer)",
+        f"latency      {d['latency_ms_batch1']:.2f} ms batch 1 ({d['latency_ratio']:.2f}x static)",
+        f"throughput   {d['throughput_img_s_batch256']:.0f} img/s batch 256 ({d['throughput_ratio']:.2f}x static)",
+    ]
     return "\n".join(lines)

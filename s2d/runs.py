@@ -68,7 +68,9 @@ def open_run(root: str | Path, config: dict[str, Any], *, identity: tuple[str, .
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise RunDirError(f"run directory {root} is not writable ({e.strerror}); pass --run-dir with a writable path") from None
+        raise RunDirError(
+            f"run directory {root} is not writable ({e.strerror}); pass --run-dir with a writable path"
+        ) from None
     run = Run(root)
     old = run.config()
     clash = {k: (old.get(k), config.get(k)) for k in identity if k in old and old.get(k) != config.get(k)}

@@ -16,7 +16,7 @@ from torch import nn
 from s2d import checkpoint
 from s2d.data import DatasetInfo, load_dataset
 from s2d.errors import CheckpointError, S2DError
-from s2d.models import get_model
+from s2d.models import check_model_name, get_model
 from s2d.runs import write_json_atomic
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "model_zoo"
@@ -49,6 +49,7 @@ def resolve_weights(model: str, info: DatasetInfo, weights: str | None, zoo_dir:
         return weights
     entry = find(model, info.name, zoo_dir)
     if entry is None:
+        check_model_name(model)  # an unknown name is reported as such, not as a zoo gap
         have = ", ".join(f"{e['name']} ({e['dataset']})" for e in load_manifest(zoo_dir)) or "nothing"
         raise S2DError(
             f"the zoo has no {model} for {info.name} (it has {have}); pass --weights PATH "

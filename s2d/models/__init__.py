@@ -53,11 +53,19 @@ def _mobilenetv2(num_classes: int, in_channels: int) -> nn.Module:
 
 def list_models() -> list[str]:
     """Registered names; any ``torchvision:NAME`` classifier is accepted as well."""
-    return sorted(_MODELS) + [f"{TORCHVISION_PREFIX}NAME"]
+    return [*sorted(_MODELS), f"{TORCHVISION_PREFIX}NAME"]
 
 
 def describe_models() -> dict[str, str]:
     return {n: e.description for n, e in sorted(_MODELS.items())}
+
+
+def check_model_name(name: str) -> None:
+    """Raise a one-line :class:`UnknownNameError` unless ``get_model`` knows ``name``."""
+    if name.startswith(TORCHVISION_PREFIX):
+        torchvision_adapter.check_name(name[len(TORCHVISION_PREFIX):])
+    elif name not in _MODELS:
+        raise UnknownNameError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
 
 
 def get_model(
@@ -68,18 +76,17 @@ def get_model(
     image_size: int = 32,
 ) -> nn.Module:
     """Build a model by name; load ``weights`` (a checkpoint path or a torchvision enum name)."""
+    check_model_name(name)
     path = Path(weights) if weights is not None else None
     is_file = path is not None and (path.suffix in (".pt", ".pth", ".ckpt") or path.exists())
     if name.startswith(TORCHVISION_PREFIX):
         tv_weights = None if (weights is None or is_file) else str(weights)
         model = torchvision_adapter.build(name[len(TORCHVISION_PREFIX):], num_classes, in_channels,
                                           image_size, tv_weights)
-    elif name in _MODELS:
+    else:
         if weights is not None and not is_file:
             raise CheckpointError(f"weights {weights!r} is not a checkpoint file; pass a path to a .pt file")
         model = _MODELS[name].builder(num_classes, in_channels)
-    else:
-        raise UnknownNameError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
     if is_file:
         ckpt = checkpoint.load(path)
         if ckpt.get("model") not in (None, name):

@@ -45,12 +45,16 @@ def _pretrained_weights(arch: str, weights: str):
     return w
 
 
-def build(arch: str, num_classes: int, in_channels: int, image_size: int, weights: str | None) -> nn.Module:
+def check_name(arch: str) -> None:
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UnknownNameError(
             f"unknown torchvision model {arch!r}; valid: any classifier name from "
             "torchvision.models.list_models(), e.g. resnet18, mobilenet_v2"
         )
+
+
+def build(arch: str, num_classes: int, in_channels: int, image_size: int, weights: str | None) -> nn.Module:
+    check_name(arch)
     if weights:
         w = _pretrained_weights(arch, weights)
         old = socket.getdefaulttimeout()

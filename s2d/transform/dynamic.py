@@ -7,11 +7,46 @@ them. Plain PyTorch modules (``torch.fx.GraphModule``), no masks at run time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx, nn
 
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.exit_rule import confidence
+
+StageRunner = Callable[[int, torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
+
+
+def early_exit(run_stage: StageRunner, x: torch.Tensor, arch: MultiStageArch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The early-exit loop shared by ``DynamicNet`` and exported runners.
+
+    ``run_stage(s, x, cache)`` returns (logits, *cache for stage s+1). Samples that exit
+    are dropped from the batch, and from the cache, before the next stage runs.
+    """
+    n, last = x.shape[0], arch.num_stages - 1
+    idx = torch.arange(n, device=x.device)
+    exit_stage = torch.full((n,), last, dtype=torch.long, device=x.device)
+    out: torch.Tensor | None = None
+    cache: tuple[torch.Tensor, ...] = ()
+    for s in range(arch.num_stages):
+        res = run_stage(s, x, cache)
+        logits, cache = res[0], tuple(res[1:])
+        if out is None:
+            out = logits.new_empty((n, logits.shape[1]))
+        if s == last:
+            out[idx] = logits
+            break
+        done = confidence(arch.exit_rule, logits) >= arch.thresholds[s]
+        out[idx[done]] = logits[done]
+        exit_stage[idx[done]] = s
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        idx, x = idx[keep], x[keep]
+        cache = tuple(c[keep] for c in cache)
+    assert out is not None
+    return out, exit_stage
 
 
 class DynamicNet(nn.Module):
@@ -34,28 +69,7 @@ class DynamicNet(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, K) and the 0-based stage each sample exited at (N,)."""
-        n = x.shape[0]
-        idx = torch.arange(n, device=x.device)
-        exit_stage = torch.full((n,), self.arch.num_stages - 1, dtype=torch.long, device=x.device)
-        out: torch.Tensor | None = None
-        cache: tuple[torch.Tensor, ...] = ()
-        for s, stage in enumerate(self.stages):
-            res = stage(x, *cache)
-            logits, cache = res[0], tuple(res[1:])
-            if out is None:
-                out = logits.new_empty((n, logits.shape[1]))
-            if s == len(self.stages) - 1:
-                out[idx] = logits
-                break
-            done = confidence(self.arch.exit_rule, logits) >= self.arch.thresholds[s]
-            out[idx[done]] = logits[done]
-            exit_stage[idx[done]] = s
-            keep = ~done
-            if not bool(keep.any()):
-                break
-            idx, x = idx[keep], x[keep]
-            cache = tuple(c[keep] for c in cache)
-        return out, exit_stage
+        return early_exit(lambda s, xs, cache: tuple(self.stages[s](xs, *cache)), x, self.arch)
 
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:

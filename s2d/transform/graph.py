@@ -132,6 +132,22 @@ class ModelGraph:
     def exit_names(self) -> list[str]:
         return [e.name for e in self.exits]
 
+    def truncated(self, node_name: str) -> fx.GraphModule:
+        """The static model up to trunk node ``node_name``, returning its features."""
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "output":
+                break
+            env[n] = g.node_copy(n, env.__getitem__)
+            if n.name == node_name:
+                break
+        g.output(env[n])
+        gm = fx.GraphModule(self.gm, g)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+
 
 def _where(node: fx.Node) -> str:
     scopes = node.meta.get("scopes") or []

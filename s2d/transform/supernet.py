@@ -67,10 +67,10 @@ class SuperNet(nn.Module):
             st.train(self.training)
         return plan
 
-    def forward_stages(self, x: torch.Tensor, arch: MultiStageArch) -> list[torch.Tensor]:
-        """Every stage's logits, each stage computed incrementally from the previous one's cache."""
+    def forward_stages(self, x: torch.Tensor, arch: MultiStageArch, upto: int | None = None) -> list[torch.Tensor]:
+        """Every stage's logits (the first ``upto`` stages'), each computed from the previous one's cache."""
         outs, cache = [], ()
-        for stage in self.plan(arch).stages:
+        for stage in self.plan(arch).stages[:upto]:
             res = stage(x, *cache)
             outs.append(res[0])
             cache = tuple(res[1:])
@@ -109,3 +109,16 @@ class SuperNet(nn.Module):
         plan = self.plan(arch)
         stages = [materialise(s, fold_bn=fold_bn) for s in plan.stages]
         return DynamicNet(arch, stages, plan.cache_in, plan.cache_out).eval()
+
+
+DYNAMIC_FORMAT = "s2d-dynamic-v1"
+
+
+def dynamic_checkpoint(supernet: SuperNet, arch: MultiStageArch, meta: dict) -> dict:
+    """What rebuilds a ``DynamicNet``: the model's identity, the arch and the supernet weights."""
+    return {"format": DYNAMIC_FORMAT, **meta, "arch": arch.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in supernet.state_dict().items()}}
+
+
+def is_dynamic_checkpoint(obj: dict) -> bool:
+    return obj.get("format") == DYNAMIC_FORMAT

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real Fashion-MNIST data and one tiny trained ResNet-20 run.
+
+Tests run single-threaded by default (the machine has 2 cores and may be training);
+set ``S2D_TEST_THREADS`` to use more.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2d.data import Dataset, load_dataset
+from s2d.train import TrainConfig, train_static
+
+THREADS = int(os.environ.get("S2D_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+# The tiny run every test file shares: 2 epochs on 512 training images.
+TINY_CFG = dict(model="resnet20", dataset="fashion-mnist", epochs=2, batch_size=32, optimizer="adamw", lr=3e-3,
+                train_limit=512)
+
+
+@pytest.fixture(scope="session")
+def fmnist() -> Dataset:
+    """Fashion-MNIST from the Debian package, default split (55000/5000/10000)."""
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def quick_data(fmnist: Dataset) -> Dataset:
+    """The default split with validation and test cut to 500 images, for fast training/eval."""
+    return Dataset(info=fmnist.info, train=fmnist.train, val=fmnist.val.subset(500), test=fmnist.test.subset(500),
+                   split_seed=fmnist.split_seed, val_size=fmnist.val_size)
+
+
+def _tiny_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY_CFG, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(**overrides)``: the TrainConfig of the shared tiny run."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, quick_data: Dataset) -> dict:
+    """An uninterrupted tiny train-base run: {'dir', 'model_pt', 'last_pt', 'final'}."""
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    final = train_static(_tiny_config(), run_dir, progress=False, data=quick_data)
+    return {
+        "dir": Path(run_dir),
+        "model_pt": Path(run_dir) / "checkpoints" / "model.pt",
+        "last_pt": Path(run_dir) / "checkpoints" / "last.pt",
+        "final": final,
+    }
