@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     p.set_defaults(func=cmd_eval)
 
-    from s2d import cli_transform
+    from s2d import cli_search, cli_transform
 
     cli_transform.add_commands(sub, _add_model_args, _add_data_args, _add_runtime_args)
+    cli_search.add_commands(sub, _add_model_args, _add_data_args, _add_runtime_args)
     return parser
 
 

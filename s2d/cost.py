@@ -12,13 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from s2d.data import DatasetInfo
-
-# fvcore traces with torch.jit, which torch now flags as deprecated on every call.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -29,12 +25,14 @@ class StaticCost:
     unsupported_ops: dict[str, int] = field(default_factory=dict)
 
 
-def count_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
+def count_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
     """An fvcore analysis with warnings silenced (unsupported ops are read from the result)."""
     was_training = module.training
     module.eval()
-    with warnings.catch_warnings():  # fvcore's jit tracing warns about torch.jit deprecation
+    with warnings.catch_warnings():  # fvcore uses torch.jit, which torch flags as deprecated
         warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
         analysis = FlopCountAnalysis(module, inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         analysis.total()  # run the trace now, in eval mode
@@ -83,6 +81,14 @@ def average_macs(macs: list[float], exit_rates: list[float]) -> float:
 
 
 def exit_macs(graph, input_shape: tuple[int, int, int]) -> list[float]:
-    """Cumulative static MACs from the image to each exit point of a ``ModelGraph`` (no head)."""
+    """Cumulative static MACs from the image to each exit point of a ``ModelGraph``.
+
+    Intermediate exits count the trunk up to the exit (no head). The ``output`` exit's head
+    is the static classifier itself, so it counts the whole static model: the last value is
+    the static MACs (for VGG the classifier alone is a fifth of them).
+    """
+    from s2d.transform.graph import OUTPUT_EXIT
+
     x = torch.zeros(1, *input_shape)
-    return [float(count_macs(graph.truncated(e.node), (x,)).total()) for e in graph.exits]
+    return [float(count_macs(graph.gm if e.name == OUTPUT_EXIT else graph.truncated(e.node), (x,)).total())
+            for e in graph.exits]

@@ -1,7 +1,9 @@
 """Export a ``DynamicNet`` as one file per stage, and run it back from those files.
 
-Each stage file takes the image and the cached features of the previous stage and
-returns its logits and the features later stages need. ``dynamic.json`` beside them
+Each stage file takes the image and the cached features of the previous stage
+(``image``, ``cache_<node>``...) and returns its logits and the features later stages
+need (``logits``, ``next_cache_<node>``...); stage s's outputs after the logits are
+stage s+1's cache inputs, in the same order. ``dynamic.json`` beside them
 holds the arch, the exit rule, the thresholds and the tensor names, so a runner in
 any language can reproduce the early-exit loop. ``ExportedDynamicNet`` is that runner
 for TorchScript (plain PyTorch) and ONNX (onnxruntime); it shares the exit rule code
@@ -56,7 +58,10 @@ def export(net: DynamicNet, input_shape: tuple[int, int, int], out_dir: str | Pa
     stages_meta = []
     for s, (stage, ex) in enumerate(zip(net.stages, examples, strict=True)):
         inputs = ["image", *(f"cache_{n}" for n in net.cache_in[s])]
-        outputs = ["logits", *(f"cache_{n}" for n in net.cache_out[s])]
+        # Output names differ from input names: a stage often reads node n's cached channels and
+        # passes n on with its own channels added (or unchanged), and ONNX values must have
+        # unique names (the exporter would otherwise rename the input, and feeding it fails).
+        outputs = ["logits", *(f"next_cache_{n}" for n in net.cache_out[s])]
         file = f"stage{s + 1}.{'pt' if fmt == 'torchscript' else 'onnx'}"
         tmp = _atomic_path(out_dir / file)
         try:

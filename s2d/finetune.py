@@ -1,17 +1,31 @@
-"""Training the parts of a ``SuperNet`` that a static checkpoint does not provide.
+"""Training a ``SuperNet``: its exit heads alone, all its archs, or one arch.
 
-``fit_heads`` trains only the exit heads an arch uses, on a frozen backbone: a linear
-probe per exit. Heads pool globally before their linear layer, so the pooled features
-are computed once and the probes train on them in seconds.
+* ``fit_heads`` trains only the exit heads an arch uses, on a frozen backbone: a linear
+  probe per exit. Heads pool globally before their linear layer, so the pooled features
+  are computed once and the probes train on them in seconds.
+* ``train_archs`` fine-tunes the shared weights on archs drawn per batch: the sandwich
+  rule (largest, smallest, random) for the supernet, or one fixed arch for the final
+  fine-tune, with distillation from the static model's logits.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-from s2d.data import Batches, DatasetInfo, Split
-from s2d.transform.arch import MultiStageArch
+from s2d import checkpoint
+from s2d.data import Batches, Dataset, DatasetInfo, Split
+from s2d.errors import S2DError
+from s2d.runs import Run
+from s2d.space import SearchSpace
+from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.stages import head_key
 from s2d.transform.supernet import SuperNet
 
@@ -61,3 +75,152 @@ def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: Data
                 sched.step()
         losses.append(loss.item())
     return losses
+
+
+# --- supernet training -------------------------------------------------------------------
+
+@dataclass
+class SupernetConfig:
+    """How the supernet (or one arch) is fine-tuned; the identity of a supernet run."""
+
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    weights: str = "zoo"
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 0.01  # backbone; heads use head_lr
+    head_lr: float = 0.05
+    weight_decay: float = 5e-5
+    random_archs: int = 2  # per batch, besides the largest and the smallest (sandwich rule)
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.7
+    seed: int = 0
+    val_size: int = 5000
+    split_seed: int = 0
+    checkpoint_every: int = 50
+
+
+IDENTITY = ("model", "dataset", "weights", "batch_size", "seed", "val_size", "split_seed")
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
+                      weight: float) -> torch.Tensor:
+    """Hinton KD towards the static model's logits, mixed with cross-entropy on the labels."""
+    kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(teacher / temperature, -1),
+                  reduction="batchmean") * temperature**2
+    return weight * kd + (1 - weight) * F.cross_entropy(logits, labels)
+
+
+ArchSampler = Callable[[np.random.Generator], list[MultiStageArch]]
+
+
+def sandwich_sampler(space: SearchSpace, random_archs: int) -> ArchSampler:
+    """Largest (the static network), smallest, and ``random_archs`` random archs per batch."""
+    largest, smallest = static_arch(), space.smallest()
+
+    def sample(rng: np.random.Generator) -> list[MultiStageArch]:
+        return [largest, smallest, *(space.sample(rng) for _ in range(random_archs))]
+
+    return sample
+
+
+def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sampler: ArchSampler,
+                cfg: SupernetConfig, run: Run, *, ckpt_name: str, tag: str, device: str = "cpu",
+                progress: bool = True, probe_archs: list[MultiStageArch] | None = None) -> dict[str, float]:
+    """Fine-tune ``supernet`` on the archs ``sampler`` draws per batch; resumable, logged.
+
+    Batch norm keeps the static model's statistics (modules stay in eval mode): every arch
+    then shares one set of statistics, so no arch needs recalibrating at search time, and
+    the weights learn to work with them.
+    """
+    supernet.to(device).eval()
+    teacher.to(device).eval()
+    backbone = [p for n, p in supernet.named_parameters() if not n.startswith("heads.")]
+    opt = torch.optim.SGD([{"params": backbone, "lr": cfg.lr},
+                           {"params": supernet.heads.parameters(), "lr": cfg.head_lr}],
+                          momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
+    rng = np.random.default_rng(cfg.seed)
+    path = run.checkpoints / ckpt_name
+    step = 0
+    if path.exists():
+        state = checkpoint.load(path)
+        if state.get("steps") != cfg.steps:
+            raise S2DError(f"{path} was trained for {state.get('steps')} steps, not {cfg.steps}; pass the same "
+                           "budget or a new --run-dir")
+        checkpoint.load_into(supernet, state["state_dict"], str(path))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["rng"]
+        step = state["step"]
+    if step >= cfg.steps:
+        return {}
+    writer = SummaryWriter(str(run.tensorboard / tag), purge_step=step)
+    batches = Batches(data.train, data.info, cfg.batch_size, shuffle=True, augment=True,
+                      seed=cfg.seed * 7919 + step, device=device)
+    it = iter(batches)
+    bar = tqdm(total=cfg.steps, initial=step, desc=tag, disable=not progress)
+
+    def save() -> None:
+        checkpoint.save_atomic({"state_dict": supernet.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "rng": rng.bit_generator.state,
+                                "step": step, "steps": cfg.steps}, path)
+
+    stats: dict[str, float] = {}
+    try:
+        while step < cfg.steps:
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(batches)
+                x, y = next(it)
+            with torch.no_grad():
+                target = teacher(x)
+            opt.zero_grad(set_to_none=True)
+            archs = sampler(rng)
+            for a, arch in enumerate(archs):
+                outs = supernet.forward_stages(x, arch)
+                losses = [distillation_loss(o, target, y, cfg.distill_temperature, cfg.distill_weight)
+                          for o in outs]
+                loss = sum(losses) / len(losses)
+                (loss / len(archs)).backward()
+                if step % 10 == 0:
+                    name = "largest" if a == 0 else "smallest" if a == 1 else "random"
+                    for s, (o, lo) in enumerate(zip(outs, losses, strict=True)):
+                        writer.add_scalar(f"{tag}/{name}_stage{s + 1}_loss", lo.item(), step)
+                        writer.add_scalar(f"{tag}/{name}_stage{s + 1}_acc", (o.argmax(1) == y).float().mean().item(),
+                                          step)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if probe_archs:
+                    stats = probe(supernet, probe_archs, data, device=device)
+                    for k, v in stats.items():
+                        writer.add_scalar(f"{tag}/val_{k}", v, step)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in list(stats.items())[:3]})
+                writer.flush()
+                save()
+    finally:
+        bar.close()
+        writer.close()
+    return stats
+
+
+@torch.no_grad()
+def probe(supernet: SuperNet, archs: list[MultiStageArch], data: Dataset, *, device: str = "cpu",
+          images: int = 1000) -> dict[str, float]:
+    """Validation accuracy of every stage of a few fixed archs (a cheap progress signal)."""
+    from s2d.evaluation import stage_logits
+
+    out = {}
+    val = data.val.subset(images)
+    for i, arch in enumerate(archs):
+        logits = stage_logits(lambda x, a=arch: supernet.forward_stages(x, a), val, data.info, device=device)
+        acc = (logits.argmax(-1) == val.labels[None]).float().mean(1)
+        for s, v in enumerate(acc.tolist()):
+            out[f"arch{i}_stage{s + 1}"] = v
+    return out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,10 +14,21 @@ from s2d.cost import average_macs, stage_macs, static_cost
 from s2d.data import Batches, Dataset
 from s2d.errors import S2DError
 from s2d.evaluation import accuracy, measure_speed, stage_logits
+from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.dynamic import DynamicNet
 from s2d.transform.exit_rule import calibrate, confidence, exit_rates
 from s2d.transform.supernet import SuperNet
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """The model as it would be deployed: batch norm folded into convs (as DynamicNet stages are)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except Exception:  # untraceable models are timed as they are
+        return model
 
 
 def evaluate_static(model: nn.Module, data: Dataset, *, device: str = "cpu", limit: int | None = None,
@@ -26,8 +40,9 @@ def evaluate_static(model: nn.Module, data: Dataset, *, device: str = "cpu", lim
     info = data.info
     x1 = torch.randn(1, info.in_channels, info.image_size, info.image_size, device=device)
     x256 = torch.randn(256, info.in_channels, info.image_size, info.image_size, device=device)
-    lat = measure_speed(model, x1, repeats=max(repeats, 20), min_seconds=1.0)
-    thr = measure_speed(model, x256, repeats=max(3, repeats // 4))
+    deployed = deployable(model)
+    lat = measure_speed(deployed, x1, repeats=max(repeats, 20), min_seconds=1.0)
+    thr = measure_speed(deployed, x256, repeats=max(3, repeats // 4))
     return {
         "test_accuracy": accuracy(model, test, info, device=device),
         "test_images": len(test),
@@ -174,3 +189,141 @@ def format_dynamic(d: dict[str, Any]) -> str:
         f"throughput   {d['throughput_img_s_batch256']:.0f} img/s batch 256 ({d['throughput_ratio']:.2f}x static)",
     ]
     return "\n".join(lines)
+
+
+def _row(name: str, arch: MultiStageArch, val: Any, test: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "arch": arch.to_dict(),
+        "val_accuracy": val.accuracy,
+        "val_average_macs": val.average_macs,
+        **{k: test[k] for k in ("test_accuracy", "average_macs", "exit_rates", "stage_macs", "latency_ms_batch1",
+                                "throughput_img_s_batch256")},
+        "mac_ratio": test["average_macs"] / static["macs"],
+        "accuracy_delta_points": (test["test_accuracy"] - static["test_accuracy"]) * 100,
+        "latency_ratio": test["latency_ms_batch1"] / static["latency_ms_batch1"],
+        "throughput_ratio": test["throughput_img_s_batch256"] / static["throughput_img_s_batch256"],
+    }
+
+
+def build_report(p) -> dict[str, Any]:
+    """The final report of a conversion (``s2d.convert.Pipeline``): static vs dynamic vs baselines, on test data.
+
+    Baselines and the searched arch before fine-tuning are measured on the trained supernet;
+    the chosen network after its own fine-tune. Thresholds are calibrated on the full
+    validation split for every row.
+    """
+    from s2d.convert import baselines, final_state, save_dynamic
+
+    data, device, limit = p.data, p.cfg.device, p.budget.test_limit
+    static = evaluate_static(p.static, data, device=device, limit=limit)
+    rows = []
+    p.load_supernet()
+    ev = p.evaluator(p.budget.report_val_images)
+    for name, arch in baselines(p.space).items():
+        e = ev.evaluate(arch)
+        tuned = arch.with_thresholds(e.thresholds)
+        rows.append(_row(f"{name} (supernet)", tuned, e,
+                         measure_dynamic(p.supernet.materialise(tuned), data, e.stage_macs, device=device,
+                                         limit=limit), static))
+    chosen = MultiStageArch.from_dict(json.loads((p.run.root / "best_arch.json").read_text()))
+    chosen = MultiStageArch(chosen.stages, chosen.exit_rule,
+                            chosen.thresholds if p.cfg.search_thresholds else ())
+    e = ev.evaluate(chosen)
+    before = chosen.with_thresholds(e.thresholds)
+    rows.append(_row("searched (supernet)", before, e,
+                     measure_dynamic(p.supernet.materialise(before), data, e.stage_macs, device=device,
+                                     limit=limit), static))
+    final_state(p)
+    ev = p.evaluator(p.budget.report_val_images)
+    e = ev.evaluate(chosen)
+    final = chosen.with_thresholds(e.thresholds)
+    dyn = _row("searched + fine-tuned", final, e,
+               measure_dynamic(p.supernet.materialise(final), data, e.stage_macs, device=device, limit=limit),
+               static)
+    rows.append(dyn)
+    save_dynamic(p, final)
+    write_json_atomic(p.run.root / "best_arch.json", final.to_dict())
+    report = {
+        "model": p.cfg.model, "dataset": p.cfg.dataset, "budget": p.cfg.budget, "algo": p.cfg.algo,
+        "tolerance_points": p.cfg.tolerance, "static": {k: v for k, v in static.items() if k != "macs_by_operator"},
+        "static_val_accuracy": ev.static_accuracy, "dynamic": dyn, "rows": rows,
+        "search": p.state.get("search", {}).get("summaries", {}),
+        "threads": torch.get_num_threads(),
+    }
+    write_json_atomic(p.run.root / "report.json", report)
+    write_text_atomic(p.run.root / "report.md", report_markdown(report))
+    plot_pareto(p.archive.records(), report, p.run.root / "pareto.png")
+    p._done("report", report="report.md")
+    return report
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    s = r["static"]
+    lines = [
+        f"# s2d conversion: {r['model']} on {r['dataset']} (budget {r['budget']}, search {r['algo']})",
+        "",
+        f"Static model: test accuracy {s['test_accuracy'] * 100:.2f} %, {s['macs'] / 1e6:.2f} M MACs (fvcore), "
+        f"latency {s['latency_ms_batch1']:.2f} ms (batch 1), throughput {s['throughput_img_s_batch256']:.0f} img/s "
+        f"(batch 256), {r['threads']} CPU threads. Thresholds are calibrated on validation data to stay within "
+        f"{r['tolerance_points']} points of the static validation accuracy ({r['static_val_accuracy'] * 100:.2f} %).",
+        "",
+        "| network | test acc (%) | Δ points | avg MACs (M) | MAC ratio | exit rates | latency b1 ratio "
+        "| throughput b256 ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        rates = " / ".join(f"{x * 100:.0f}" for x in row["exit_rates"])
+        lines.append(f"| {row['name']} | {row['test_accuracy'] * 100:.2f} | {row['accuracy_delta_points']:+.2f} | "
+                     f"{row['average_macs'] / 1e6:.2f} | {row['mac_ratio']:.3f} | {rates} | "
+                     f"{row['latency_ratio']:.2f} | {row['throughput_ratio']:.2f} |")
+    d = r["dynamic"]
+    lines += ["", "## Chosen network", "", "```json", json.dumps(d["arch"], indent=2), "```", ""]
+    if r["search"]:
+        lines += ["## Search", "", "| searcher | evaluations | best reward | evaluations to best | "
+                  "best MAC ratio within tolerance | evaluations to it |", "|---|---|---|---|---|---|"]
+        for algo, sm in r["search"].items():
+            ratio = sm.get("best_mac_ratio_within_tolerance")
+            lines.append(f"| {algo} | {sm.get('evaluations')} | {sm.get('best_reward', float('nan')):.4f} | "
+                         f"{sm.get('evaluations_to_best')} | {'-' if ratio is None else f'{ratio:.3f}'} | "
+                         f"{sm.get('evaluations_to_that_ratio') or '-'} |")
+        lines.append("")
+    lines += ["Rows marked (supernet) use the shared supernet weights; the chosen network is fine-tuned on its "
+              "own afterwards. Speed ratios are wall-clock on this machine (median of repeats); batch-1 latency "
+              "is the median over single test images with real early exits.", ""]
+    return "\n".join(lines)
+
+
+def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for searcher, colour in (("ppo", "tab:blue"), ("random", "tab:gray")):
+        pts = [r for r in records if r.get("searcher") == searcher]
+        if pts:
+            ax.scatter([r["average_macs"] / 1e6 for r in pts], [r["accuracy"] * 100 for r in pts], s=12,
+                       alpha=0.6, color=colour, label=f"{searcher} ({len(pts)} archs, search val subset)")
+    s = report["static"]
+    ax.scatter([s["macs"] / 1e6], [report["static_val_accuracy"] * 100], marker="*", s=160, color="black",
+               label="static model")
+    markers = {"depth_only (supernet)": "s", "width_only (supernet)": "^", "static (supernet)": "D",
+               "searched (supernet)": "o", "searched + fine-tuned": "P"}
+    for row in report["rows"]:
+        ax.scatter([row["val_average_macs"] / 1e6], [row["val_accuracy"] * 100], marker=markers.get(row["name"], "x"),
+                   s=70, edgecolor="black", label=row["name"])
+    ax.axhline((report["static_val_accuracy"] - report["tolerance_points"] / 100) * 100, ls="--", lw=0.8,
+               color="tab:red", label="tolerance")
+    ax.set_xlabel("average MACs (M, fvcore)")
+    ax.set_ylabel("validation accuracy (%)")
+    accs = [r["accuracy"] * 100 for r in records] + [report["static_val_accuracy"] * 100]
+    ax.set_ylim(max(min(accs), report["static_val_accuracy"] * 100 - 15), max(accs) + 0.5)
+    ax.set_title(f"{report['model']} on {report['dataset']}: accuracy vs average MACs")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -37,6 +37,9 @@ class SlicedConv2d(nn.Module):
         w, b = self._weight()
         groups = w.shape[0] if self.depthwise else 1
         c = self.conv
+        if c.padding_mode != "zeros":  # reflect/replicate/circular pad each channel on its own, as nn.Conv2d does
+            x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
+            return F.conv2d(x, w, b, c.stride, 0, c.dilation, groups)
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, groups)
 
     def materialise(self) -> nn.Conv2d:
@@ -44,7 +47,7 @@ class SlicedConv2d(nn.Module):
         c = self.conv
         groups = w.shape[0] if self.depthwise else 1
         conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], c.kernel_size, c.stride, c.padding, c.dilation,
-                         groups, b is not None).to(w.device)
+                         groups, b is not None, padding_mode=c.padding_mode).to(w.device)
         with torch.no_grad():
             conv.weight.copy_(w)
             if b is not None:

@@ -1,0 +1,199 @@
+"""``s2d convert``: static CNN → searched dynamic network, in resumable phases.
+
+supernet training → search (PPO or random; random also as the honest baseline) →
+fine-tune of the best arch → threshold calibration on validation data → test report.
+Each phase checkpoints into the run directory; running the same command again skips
+finished phases and resumes the unfinished one. The test split is touched only by
+the final report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from s2d import checkpoint
+from s2d.cost import static_cost
+from s2d.data import Dataset, load_dataset
+from s2d.errors import S2DError
+from s2d.evaluation import accuracy
+from s2d.finetune import SupernetConfig, sandwich_sampler, train_archs
+from s2d.runs import Run, open_run, write_json_atomic
+from s2d.search.archive import Archive
+from s2d.search.evaluator import ArchEvaluator, Objective
+from s2d.search.runner import ALGOS, run_search
+from s2d.space import SearchSpace
+from s2d.transform.arch import MultiStageArch, static_arch
+from s2d.transform.supernet import SuperNet, dynamic_checkpoint
+from s2d.zoo import load_model
+
+
+@dataclass(frozen=True)
+class Budget:
+    supernet_steps: int
+    evaluations: int
+    search_val_images: int  # validation images per candidate during the search
+    finetune_steps: int
+    batch_size: int
+    compare_random: bool  # also run random search at the same number of evaluations
+    test_limit: int | None = None  # test images in the report (None: all)
+    report_val_images: int | None = None  # validation images for the report's calibration (None: all)
+
+
+BUDGETS = {
+    "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
+                   compare_random=True, test_limit=300, report_val_images=300),
+    "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
+                    batch_size=128, compare_random=False),
+    "full": Budget(supernet_steps=2000, evaluations=300, search_val_images=5000, finetune_steps=800,
+                   batch_size=128, compare_random=True),
+}
+
+
+@dataclass
+class ConvertConfig:
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    weights: str = "zoo"
+    algo: str = "ppo"
+    budget: str = "small"
+    tolerance: float = 0.5  # accuracy points below the static model allowed on validation data
+    objective: str = "tolerance"
+    search_thresholds: bool = False
+    max_stages: int = 4
+    seed: int = 0
+    val_size: int = 5000
+    split_seed: int = 0
+    data_dir: str | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.budget not in BUDGETS:
+            raise S2DError(f"unknown --budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
+        if self.algo not in ALGOS:
+            raise S2DError(f"unknown --algo {self.algo!r}; valid: {', '.join(ALGOS)}")
+        if not 0 <= self.tolerance < 100:
+            raise S2DError(f"--tolerance is in accuracy points (e.g. 0.5), got {self.tolerance}")
+        if not 2 <= self.max_stages <= 4:
+            raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
+
+
+IDENTITY = ("model", "dataset", "weights", "budget", "tolerance", "objective", "search_thresholds", "max_stages",
+            "seed", "val_size", "split_seed")
+
+
+class Pipeline:
+    """The phases of a conversion over one run directory."""
+
+    def __init__(self, cfg: ConvertConfig, run_dir: str | Path, *, progress: bool = True,
+                 data: Dataset | None = None) -> None:
+        cfg.validate()
+        self.cfg, self.progress = cfg, progress
+        self.budget = BUDGETS[cfg.budget]
+        self.data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size,
+                                         split_seed=cfg.split_seed)
+        self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY)
+        info = self.data.info
+        self.static = load_model(cfg.model, info, cfg.weights).to(cfg.device)
+        self.teacher = copy.deepcopy(self.static).eval()
+        self.supernet = SuperNet(copy.deepcopy(self.static).cpu(), (info.in_channels, info.image_size,
+                                 info.image_size), info.num_classes).to(cfg.device)
+        self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
+                                 search_thresholds=cfg.search_thresholds)
+        self.archive = Archive(self.run.root / "archive.jsonl")
+        self.state_path = self.run.root / "state.json"
+        self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def _done(self, phase: str, **result: Any) -> None:
+        self.state[phase] = result
+        write_json_atomic(self.state_path, self.state)
+
+    def train_config(self, steps: int) -> SupernetConfig:
+        c = self.cfg
+        return SupernetConfig(model=c.model, dataset=c.dataset, weights=c.weights, steps=steps,
+                              batch_size=self.budget.batch_size, seed=c.seed, val_size=c.val_size,
+                              split_seed=c.split_seed, checkpoint_every=max(1, min(50, steps // 4)))
+
+    # --- phases ---------------------------------------------------------------------------
+    def supernet_phase(self) -> None:
+        """Sandwich-rule fine-tuning of the supernet, distilled from the static model."""
+        probes = [self.space.width_only(), self.space.depth_only()]
+        train_archs(self.supernet, self.teacher, self.data, sandwich_sampler(self.space, 2),
+                    self.train_config(self.budget.supernet_steps), self.run, ckpt_name="supernet.pt",
+                    tag="supernet", device=self.cfg.device, progress=self.progress, probe_archs=probes)
+        self._done("supernet", checkpoint="checkpoints/supernet.pt")
+
+    def load_supernet(self) -> None:
+        path = self.run.checkpoints / "supernet.pt"
+        checkpoint.load_into(self.supernet, checkpoint.load(path)["state_dict"], str(path))
+
+    def evaluator(self, val_images: int | None) -> ArchEvaluator:
+        val = self.data.val.subset(val_images)
+        static_val = accuracy(self.static, val, self.data.info, device=self.cfg.device)
+        return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_val,
+                             static_macs=static_cost(self.static, self.data.info).total_macs,
+                             objective=Objective(self.cfg.objective, self.cfg.tolerance / 100),
+                             archive=self.archive if val_images == self.budget.search_val_images else None,
+                             device=self.cfg.device)
+
+    def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
+        self.load_supernet()
+        algos = algos or [self.cfg.algo, *(["random"] if self.budget.compare_random and self.cfg.algo != "random"
+                                           else [])]
+        ev = self.evaluator(self.budget.search_val_images)
+        summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
+                                   seed=self.cfg.seed, progress=self.progress) for a in algos}
+        main = [r for r in self.archive.records() if r.get("searcher") == self.cfg.algo] or self.archive.records()
+        best = max(main, key=lambda r: r["reward"])
+        write_json_atomic(self.run.root / "best_arch.json", best["arch"])
+        self._done("search", summaries=summaries, best=best)
+        return summaries
+
+    def finetune_phase(self) -> None:
+        """Fine-tune the chosen arch alone, from the supernet's weights."""
+        self.load_supernet()
+        arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
+        train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch],
+                    self.train_config(self.budget.finetune_steps), self.run, ckpt_name="finetune.pt",
+                    tag="finetune", device=self.cfg.device, progress=self.progress)
+        self._done("finetune", checkpoint="checkpoints/finetune.pt")
+
+    def report_phase(self) -> dict[str, Any]:
+        from s2d.report import build_report
+
+        return build_report(self)
+
+    def run_all(self) -> dict[str, Any]:
+        if "supernet" not in self.state:
+            self.supernet_phase()
+        if "search" not in self.state:
+            self.search_phase()
+        if "finetune" not in self.state:
+            self.finetune_phase()
+        return self.report_phase()
+
+
+def baselines(space: SearchSpace) -> dict[str, MultiStageArch]:
+    """Special cases of the space: the static model, SDN-style depth-only, S2DNAS-style width-only."""
+    return {"static": static_arch(), "depth_only": space.depth_only(), "width_only": space.width_only()}
+
+
+def final_state(pipeline: Pipeline) -> torch.nn.Module:
+    """The fine-tuned supernet (loaded from its checkpoint)."""
+    path = pipeline.run.checkpoints / "finetune.pt"
+    checkpoint.load_into(pipeline.supernet, checkpoint.load(path)["state_dict"], str(path))
+    return pipeline.supernet
+
+
+def save_dynamic(pipeline: Pipeline, arch: MultiStageArch) -> Path:
+    info = pipeline.data.info
+    meta = {"model": pipeline.cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "dataset": info.name}
+    path = pipeline.run.checkpoints / "dynamic.pt"
+    checkpoint.save_atomic(dynamic_checkpoint(pipeline.supernet, arch, meta), path)
+    return path

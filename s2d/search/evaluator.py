@@ -1,0 +1,158 @@
+"""The arch evaluator shared by every searcher: reward of an arch on the validation split.
+
+One candidate costs one forward pass per stage over the (cached, in-memory) validation
+images, plus numpy: thresholds are calibrated on the stage logits, stage MACs come from
+a per-stage fvcore cache. Every evaluation is appended to the run's archive and never
+computed twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from s2d.cost import average_macs, stage_macs
+from s2d.data import Split
+from s2d.evaluation import stage_logits
+from s2d.search.archive import Archive
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.exit_rule import calibrate, confidence, exit_rates, exit_stages
+from s2d.transform.supernet import SuperNet
+
+OBJECTIVES = ("tolerance", "mnas")
+
+
+@dataclass
+class Objective:
+    """Default: stay within ``tolerance`` of the static accuracy, minimise average MACs.
+
+    ``tolerance``: reward = 1 - MAC ratio, minus ``penalty`` per unit of accuracy below the
+    target (thresholds are calibrated to reach it when the arch can).
+    ``mnas``: reward = acc * (MAC ratio / target_ratio) ** w (MnasNet), same calibration.
+    """
+
+    kind: str = "tolerance"
+    tolerance: float = 0.005
+    penalty: float = 20.0
+    target_ratio: float = 0.33
+    mnas_w: float = -0.07
+
+    def reward(self, accuracy: float, mac_ratio: float, target_accuracy: float) -> float:
+        if self.kind == "mnas":
+            return accuracy * (mac_ratio / self.target_ratio) ** self.mnas_w
+        return 1.0 - mac_ratio - self.penalty * max(0.0, target_accuracy - accuracy)
+
+
+@dataclass
+class Evaluation:
+    arch: dict[str, Any]
+    reward: float
+    accuracy: float
+    average_macs: float
+    mac_ratio: float
+    exit_rates: list[float]
+    thresholds: list[float]
+    stage_macs: list[float]
+    stage_accuracy: list[float]
+    meets_target: bool
+    seconds: float = 0.0
+    searcher: str = ""
+    index: int = 0
+    cached: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("cached")
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> Evaluation:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class ArchEvaluator:
+    """Scores archs on validation data with a trained supernet."""
+
+    def __init__(self, supernet: SuperNet, val: Split, info, *, static_accuracy: float, static_macs: float,
+                 objective: Objective | None = None, archive: Archive | None = None, device: str = "cpu",
+                 batch_size: int = 1000) -> None:
+        self.supernet, self.val, self.info = supernet, val, info
+        self.static_accuracy, self.static_macs = static_accuracy, static_macs
+        self.objective = objective or Objective()
+        self.archive = archive
+        self.device, self.batch_size = device, batch_size
+        self._stage_cost: dict[str, float] = {}
+        self.evaluations = 0  # real (uncached) evaluations in this process
+
+    @property
+    def target_accuracy(self) -> float:
+        return self.static_accuracy - self.objective.tolerance
+
+    def stage_costs(self, arch: MultiStageArch) -> list[float]:
+        """Incremental MACs of every stage, cached per stage prefix (a stage's cost depends only on earlier ones)."""
+        def key(s: int) -> str:
+            return MultiStageArch(arch.stages[: s + 1]).key() + ("|last" if s == arch.num_stages - 1 else "")
+
+        keys = [key(s) for s in range(arch.num_stages)]
+        if any(k not in self._stage_cost for k in keys):
+            net = self.supernet.materialise(MultiStageArch(arch.stages, arch.exit_rule), fold_bn=False)
+            macs, _ = stage_macs(list(net.stages), self.supernet.input_shape)
+            self._stage_cost.update(zip(keys, macs, strict=True))
+        return [self._stage_cost[k] for k in keys]
+
+    @torch.no_grad()
+    def stage_outputs(self, arch: MultiStageArch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidences, correct), both (S, N), on the validation images."""
+        self.supernet.eval()
+        logits = stage_logits(lambda x: self.supernet.forward_stages(x, arch), self.val, self.info,
+                              device=self.device, batch_size=self.batch_size)
+        conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
+        return conf, logits.argmax(-1) == self.val.labels[None]
+
+    def score(self, arch: MultiStageArch, conf: torch.Tensor, correct: torch.Tensor,
+              costs: list[float]) -> Evaluation:
+        """The reward of ``arch`` from its stage outputs: the part the tests check by hand."""
+        if arch.thresholds or arch.num_stages == 1:
+            thresholds = list(arch.thresholds)
+        else:
+            thresholds, _ = calibrate(conf, correct, costs, self.target_accuracy)
+        ex = exit_stages(conf, thresholds)
+        acc = correct.gather(0, ex[None])[0].float().mean().item()
+        rates = exit_rates(ex, arch.num_stages)
+        avg = average_macs(costs, rates)
+        ratio = avg / self.static_macs
+        reward = self.objective.reward(acc, ratio, self.target_accuracy)
+        return Evaluation(arch=arch.with_thresholds(thresholds).to_dict(), reward=reward, accuracy=acc,
+                          average_macs=avg, mac_ratio=ratio, exit_rates=rates, thresholds=thresholds,
+                          stage_macs=costs, stage_accuracy=correct.float().mean(1).tolist(),
+                          meets_target=acc >= self.target_accuracy - 1e-12)
+
+    def archive_key(self, arch: MultiStageArch) -> str:
+        """Searched thresholds are part of the candidate; calibrated ones are not."""
+        return arch.key() + (f"|{list(arch.thresholds)}" if arch.thresholds else "")
+
+    def evaluate(self, arch: MultiStageArch, searcher: str = "") -> Evaluation:
+        arch = self.supernet.validate(arch)
+        key = self.archive_key(arch)
+        if self.archive is not None and (hit := self.archive.get(key)) is not None:
+            ev = Evaluation.from_record(hit)
+            ev.cached = True
+            return ev
+        t0 = time.perf_counter()
+        conf, correct = self.stage_outputs(arch)
+        ev = self.score(arch, conf, correct, self.stage_costs(arch))
+        ev.seconds = time.perf_counter() - t0
+        ev.searcher = searcher
+        self.evaluations += 1
+        if self.archive is not None:
+            ev.index = len(self.archive)
+            self.archive.add(key, ev.to_record())
+        if not math.isfinite(ev.reward):
+            raise ValueError(f"non-finite reward for {arch.to_json()}")
+        return ev
+

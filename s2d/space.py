@@ -1,0 +1,144 @@
+"""The search space of one model as a sequence of decisions.
+
+An arch is built decision by decision: the number of stages, then for every stage its
+width, its exit point, one feature-reuse flag per section and (when thresholds are
+searched, EDANAS-style) its exit threshold. ``options(partial)`` says which choices keep
+the arch valid (widths and exits never go backwards, two stages never coincide, the last
+stage is full width at ``output``), so an agent can be masked and a sampler is uniform
+over valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from s2d.transform.arch import MAX_STAGES, WIDTH_GRID, MultiStageArch, Stage
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
+
+THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "stages" | "width" | "exit" | "reuse" | "threshold"
+    stage: int  # 0-based stage index (-1 for "stages")
+    section: int = -1  # for "reuse"
+
+
+@dataclass
+class SearchSpace:
+    graph: ModelGraph
+    widths: tuple[float, ...] = WIDTH_GRID
+    max_stages: int = MAX_STAGES
+    min_stages: int = 2
+    search_thresholds: bool = False
+    exit_rule: str = "max_softmax"
+    exits: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.exits = self.graph.exit_names
+        if not 1 <= self.min_stages <= self.max_stages <= MAX_STAGES:
+            raise ValueError(f"need 1 <= min_stages <= max_stages <= {MAX_STAGES}")
+
+    @property
+    def num_sections(self) -> int:
+        return self.graph.num_sections
+
+    @property
+    def max_options(self) -> int:
+        return max(len(self.widths), len(self.exits), 2, len(THRESHOLD_GRID), self.max_stages + 1)
+
+    def decisions(self, num_stages: int) -> list[Decision]:
+        """The decisions after the number of stages, in order."""
+        out = []
+        for s in range(num_stages):
+            last = s == num_stages - 1
+            if not last:
+                out += [Decision("width", s), Decision("exit", s)]
+            if s > 0:
+                out += [Decision("reuse", s, k) for k in range(self.num_sections)]
+            if self.search_thresholds and not last:
+                out.append(Decision("threshold", s))
+        return out
+
+    def max_decisions(self) -> int:
+        return 1 + len(self.decisions(self.max_stages))
+
+    def options(self, decision: Decision, chosen: dict[tuple, int], num_stages: int) -> np.ndarray:
+        """Boolean mask over option indices that keep the arch valid."""
+        mask = np.zeros(self.max_options, dtype=bool)
+        n_w, n_e = len(self.widths), len(self.exits)
+        if decision.kind == "stages":
+            mask[self.min_stages:self.max_stages + 1] = True
+            return mask
+        s = decision.stage
+        prev_w = chosen.get(("width", s - 1), -1)
+        prev_e = chosen.get(("exit", s - 1), -1)
+        later = num_stages - 1 - s  # stages after this one, the last included
+
+        def lowest_exit(w: int) -> int:  # a stage equal to the previous one computes nothing
+            return max(prev_e, 0) if w > prev_w else prev_e + 1
+
+        def feasible(w: int, e: int) -> bool:  # every later stage must still be a strictly larger pair
+            return later <= (n_w - 1 - w) + (n_e - 1 - e)
+
+        if decision.kind == "width":
+            for w in range(max(prev_w, 0), n_w):
+                mask[w] = lowest_exit(w) < n_e and feasible(w, lowest_exit(w))
+        elif decision.kind == "exit":
+            w = chosen[("width", s)]
+            for e in range(lowest_exit(w), n_e):
+                mask[e] = feasible(w, e)
+        elif decision.kind == "reuse":
+            mask[:2] = True
+        elif decision.kind == "threshold":
+            mask[:len(THRESHOLD_GRID)] = True
+        return mask
+
+    def build(self, num_stages: int, chosen: dict[tuple, int]) -> MultiStageArch:
+        stages = []
+        for s in range(num_stages):
+            last = s == num_stages - 1
+            width = 1.0 if last else self.widths[chosen[("width", s)]]
+            exit_ = OUTPUT_EXIT if last else self.exits[chosen[("exit", s)]]
+            reuse = tuple(bool(chosen.get(("reuse", s, k), 1)) for k in range(self.num_sections))
+            stages.append(Stage(width, exit_, reuse[0] if len(set(reuse)) == 1 else reuse))
+        thresholds = ()
+        if self.search_thresholds:
+            thresholds = tuple(THRESHOLD_GRID[chosen[("threshold", s)]] for s in range(num_stages - 1))
+        return MultiStageArch(tuple(stages), self.exit_rule, thresholds).validate(self.graph)
+
+    @staticmethod
+    def key_of(d: Decision) -> tuple:
+        return (d.kind, d.stage, d.section) if d.kind == "reuse" else (d.kind, d.stage)
+
+    def sample(self, rng: np.random.Generator) -> MultiStageArch:
+        """A uniformly random valid choice at every decision."""
+        n = int(rng.choice(np.flatnonzero(self.options(Decision("stages", -1), {}, 0))))
+        chosen: dict[tuple, int] = {}
+        for d in self.decisions(n):
+            chosen[self.key_of(d)] = int(rng.choice(np.flatnonzero(self.options(d, chosen, n))))
+        return self.build(n, chosen)
+
+    def smallest(self) -> MultiStageArch:
+        """The cheapest first stage: narrowest width at the first exit, then the full network."""
+        return MultiStageArch((Stage(self.widths[0], self.exits[0], True), Stage(1.0, OUTPUT_EXIT, True)),
+                              self.exit_rule).validate(self.graph)
+
+    # Special cases of the space, used as baselines.
+    def depth_only(self, num_stages: int = 3) -> MultiStageArch:
+        """SDN-style: full width, exits spread over the network (section ends first)."""
+        ends = [e for i, e in enumerate(self.graph.exits[:-1])
+                if self.graph.exits[i + 1].section != e.section]
+        picks = ends if len(ends) >= num_stages - 1 else [e for e in self.graph.exits[:-1]]
+        idx = np.linspace(0, len(picks) - 1, num_stages - 1).round().astype(int) if len(ends) < num_stages - 1 \
+            else range(len(picks) - (num_stages - 1), len(picks))
+        stages = [Stage(1.0, picks[i].name, True) for i in sorted(set(int(i) for i in idx))]
+        return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)
+
+    def width_only(self, widths: tuple[float, ...] = (0.25, 0.5)) -> MultiStageArch:
+        """S2DNAS-style: narrow-to-full stages that all exit at the output, reusing features."""
+        stages = [Stage(w, OUTPUT_EXIT, True) for w in widths]
+        return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)

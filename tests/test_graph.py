@@ -1,0 +1,173 @@
+"""Graph analysis: exit points, sections, cut points and the models the engine refuses."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import fx, nn
+
+from s2d.errors import UnsupportedModelError
+from s2d.models import get_model
+from s2d.transform.graph import analyze
+
+TORCHVISION = ["torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",
+               "torchvision:mobilenet_v3_small", "torchvision:vgg11_bn"]
+
+
+def _order(graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.gm.graph.nodes)}
+
+
+def _is_cut_point(graph, node_name: str) -> bool:
+    """Independent check: no value computed before the node (except constants) is used after it."""
+    pos = _order(graph)
+    target = next(n for n in graph.gm.graph.nodes if n.name == node_name)
+    for n, i in pos.items():
+        if i >= pos[target] or n.op in ("get_attr", "placeholder"):
+            continue
+        if any(pos[u] > pos[target] for u in n.users):
+            return False
+    # the image itself must be read only up to the node, too
+    image = next(n for n in graph.gm.graph.nodes if n.op == "placeholder")
+    return all(pos[u] <= pos[target] for u in image.users)
+
+
+def _check_exits_are_cut_points(graph) -> None:
+    for e in graph.exits:
+        assert _is_cut_point(graph, e.node), (e.name, e.node)
+        t = graph.by_name[e.node]
+        assert (t.index, t.channels, tuple(t.spatial)) == (e.index, e.channels, tuple(e.spatial))
+    indices = [e.index for e in graph.exits]
+    assert indices == sorted(indices) and len(set(indices)) == len(indices)
+
+
+def test_resnet20_exits_and_sections():
+    graph = analyze(get_model("resnet20", 10, 1), (1, 28, 28))
+    expected = ["relu", "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2",
+                "layer3.0", "layer3.1", "output"]
+    assert graph.exit_names == expected
+    assert graph.num_sections == 3
+    assert [e.section for e in graph.exits] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [e.channels for e in graph.exits] == [16] * 4 + [32] * 3 + [64] * 3
+    assert [e.spatial for e in graph.exits] == [(28, 28)] * 4 + [(14, 14)] * 3 + [(7, 7)] * 3
+    _check_exits_are_cut_points(graph)
+    # a node inside a residual block is not a cut point, and not an exit
+    assert not _is_cut_point(graph, "layer1_0_conv1")
+    assert not _is_cut_point(graph, "layer2_0_bn2")
+    assert "layer1_0_conv1" not in {e.node for e in graph.exits}
+    # the trunk ends at the last feature map; the classifier tail is not part of it
+    assert graph.trunk[-1].name == graph.exit("output").node
+    assert [t.index for t in graph.trunk] == list(range(len(graph.trunk)))
+    tail_targets = {str(n.target) for n in graph.tail}
+    assert {"avgpool", "fc"} <= tail_targets
+    # every trunk node belongs to the section of the next exit at or after it
+    for t in graph.trunk:
+        nxt = next(e for e in graph.exits if e.index >= t.index)
+        assert t.section == nxt.section, t.name
+
+
+def test_truncated_model_computes_the_exit_features():
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 1).eval()
+    graph = analyze(model, (1, 28, 28))
+    x = torch.randn(2, 1, 28, 28)
+    feats = {}
+    model.layer2[1].register_forward_hook(lambda m, i, o: feats.setdefault("layer2.1", o.clone()))
+    with torch.no_grad():
+        model(x)
+        got = graph.truncated(graph.exit("layer2.1").node)(x)
+    torch.testing.assert_close(got, feats["layer2.1"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_analyse(name):
+    graph = analyze(get_model(name, 10, 3, image_size=32), (3, 32, 32))
+    assert len(graph.exits) >= 4
+    assert graph.exit_names[-1] == "output"
+    assert len(set(graph.exit_names)) == len(graph.exit_names)
+    assert graph.num_sections >= 3
+    _check_exits_are_cut_points(graph)
+    # sections are runs of one resolution, numbered in order
+    sections = [e.section for e in graph.exits]
+    assert sections == sorted(sections) and sections[0] == 0 and sections[-1] == graph.num_sections - 1
+    for a, b in zip(graph.exits, graph.exits[1:], strict=False):
+        assert (a.section == b.section) == (a.spatial == b.spatial), (a.name, b.name)
+
+
+def test_mobilenetv2_exits_are_blocks():
+    graph = analyze(get_model("mobilenetv2", 10, 3), (3, 32, 32))
+    assert graph.exit_names[-1] == "output"
+    assert all(re.fullmatch(r"features\.\d+", n) for n in graph.exit_names[:-1]), graph.exit_names
+    _check_exits_are_cut_points(graph)
+
+
+class _DenseBlockNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grow = nn.Conv2d(8, 4, 3, padding=1)
+        self.trans = nn.Conv2d(12, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, torch.relu(self.grow(x))], 1)
+        return self.fc(self.pool(torch.relu(self.trans(x))).flatten(1))
+
+
+class _GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.grouped(torch.relu(self.stem(x))))).flatten(1))
+
+
+def _node_names(model: nn.Module) -> set[str]:
+    return {n.name for n in fx.symbolic_trace(model).graph.nodes}
+
+
+def _named_node(message: str) -> str:
+    m = re.search(r"node '([^']+)'", message)
+    assert m, message
+    return m.group(1)
+
+
+def test_channel_concat_is_refused():
+    model = _DenseBlockNet()
+    with pytest.raises(UnsupportedModelError) as err:
+        analyze(model, (3, 16, 16))
+    msg = str(err.value)
+    assert _named_node(msg) == "cat" and "cat" in _node_names(model)
+    assert "concat" in msg
+
+
+def test_shufflenet_is_refused_naming_a_node():
+    model = get_model("torchvision:shufflenet_v2_x0_5", 10, 3, image_size=32)
+    with pytest.raises(UnsupportedModelError) as err:
+        analyze(model, (3, 32, 32))
+    msg = str(err.value)
+    assert _named_node(msg) in _node_names(model), msg
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(UnsupportedModelError) as err:
+        analyze(_GroupedNet(), (3, 16, 16))
+    msg = str(err.value)
+    assert _named_node(msg) == "grouped" and "groups=2" in msg and "'grouped'" in msg
+
+
+def test_depthwise_conv_is_accepted():
+    """groups == channels is depthwise, which splits channel by channel."""
+    model = _GroupedNet()
+    model.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    graph = analyze(model, (3, 16, 16))
+    assert graph.by_name["grouped"].rule.value == "depthwise"
+    assert graph.by_name["stem"].rule.value == "conv"
