@@ -19,7 +19,7 @@ export MKL_NUM_THREADS ?= $(OMP_NUM_THREADS)
 .PHONY: help venv data test test-all demo lint clean
 
 help:
-	@echo "make demo      set up, then show the zoo and evaluate the zoo's resnet20 on Fashion-MNIST"
+	@echo "make demo      set up, then convert the zoo's resnet20 (Fashion-MNIST, small budget, ~15 min)"
 	@echo "make test      set up, then run the test suite (without the slow tests)"
 	@echo "make test-all  the test suite including slow tests"
 	@echo "make venv      create $(VENV) and install s2d (editable) with its dev tools"
@@ -58,7 +58,7 @@ test-all: venv data
 demo: venv data
 	$(BIN)/s2d zoo
 	@echo
-	$(BIN)/s2d eval --model resnet20 --dataset fashion-mnist
+	$(BIN)/s2d convert --model resnet20 --dataset fashion-mnist --budget small --run-dir runs/demo
 
 lint: venv
 	$(BIN)/ruff check s2d envs tests

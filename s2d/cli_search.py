@@ -57,6 +57,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from s2d.bench import check_targets, rank_correlation
+    from s2d.convert import Pipeline
+
+    if args.what == "targets":
+        res = check_targets(_run_dir(args))
+        for k, v in res.items():
+            print(f"{k:<24}{v['value']:>8.3f}  target {v['target']:<8} {'met' if v['met'] else 'NOT met'}")
+        return 0 if all(v["met"] for v in res.values()) else 1
+    p = Pipeline(_config(args), _run_dir(args), progress=not args.quiet)
+    res = rank_correlation(p, archs=args.archs, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    for r in res["rows"]:
+        print(f"supernet {r['supernet_acc'] * 100:6.2f} %   fine-tuned alone {r['finetuned_acc'] * 100:6.2f} %   "
+              f"{len(r['arch']['stages'])} stages")
+    print(f"Kendall tau {res['kendall_tau']:.3f} (p={res['p_value']:.3f}) over {res['archs']} archs "
+          f"(last stage only: {res['kendall_tau_last_stage']:.3f})")
+    return 0
+
+
 def add_commands(sub, add_model_args, add_data_args, add_runtime_args) -> None:
     from s2d.convert import BUDGETS
     from s2d.search.evaluator import OBJECTIVES
@@ -89,3 +108,9 @@ def add_commands(sub, add_model_args, add_data_args, add_runtime_args) -> None:
     common(p)
     p.add_argument("--compare-random", action="store_true", help="also run random search at the same budget")
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("bench", help="measured targets: `targets` of a conversion, supernet `rank` correlation")
+    p.add_argument("what", choices=("targets", "rank"))
+    common(p)
+    p.add_argument("--archs", type=int, default=8, help="rank: archs to fine-tune separately")
+    p.add_argument("--steps", type=int, default=150, help="rank: fine-tune steps per arch")
+    p.set_defaults(func=cmd_bench)

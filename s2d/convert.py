@@ -83,7 +83,7 @@ class ConvertConfig:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
-IDENTITY = ("model", "dataset", "weights", "budget", "tolerance", "objective", "search_thresholds", "max_stages",
+IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds", "max_stages",
             "seed", "val_size", "split_seed")
 
 
@@ -150,7 +150,8 @@ class Pipeline:
                                    seed=self.cfg.seed, progress=self.progress) for a in algos}
         main = [r for r in self.archive.records() if r.get("searcher") == self.cfg.algo] or self.archive.records()
         best = max(main, key=lambda r: r["reward"])
-        write_json_atomic(self.run.root / "best_arch.json", best["arch"])
+        if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
+            write_json_atomic(self.run.root / "best_arch.json", best["arch"])
         self._done("search", summaries=summaries, best=best)
         return summaries
 
@@ -175,6 +176,9 @@ class Pipeline:
             self.search_phase()
         if "finetune" not in self.state:
             self.finetune_phase()
+        report = self.run.root / "report.json"
+        if "report" in self.state and report.exists():  # finished: re-measuring would only add timing noise
+            return json.loads(report.read_text())
         return self.report_phase()
 
 

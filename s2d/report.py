@@ -126,9 +126,11 @@ def calibrate_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, cost
     logits = stage_logits(lambda x: supernet.forward_stages(x, arch), data.val, data.info, device=device)
     conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
     correct = logits.argmax(-1) == data.val.labels[None]
-    thresholds, cost = calibrate(conf, correct, costs, min_accuracy)
+    from s2d.search.evaluator import float32_thresholds
     from s2d.transform.exit_rule import exit_stages
 
+    thresholds, cost = calibrate(conf, correct, costs, min_accuracy)
+    thresholds = float32_thresholds(thresholds)
     ex = exit_stages(conf, thresholds)
     val = {
         "val_accuracy": correct.gather(0, ex[None])[0].float().mean().item(),

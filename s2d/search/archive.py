@@ -17,8 +17,11 @@ class Archive:
         self.path = Path(path)
         self._records: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []
+        self._torn = False  # the file ends mid-line: the next append starts a new line
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            self._torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
@@ -37,9 +40,10 @@ class Archive:
         rec = {"key": key, **record}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(("\n" if self._torn else "") + json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._torn = False
         if key not in self._records:
             self._order.append(key)
         self._records[key] = rec

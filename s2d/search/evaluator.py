@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from s2d.cost import average_macs, stage_macs
@@ -24,6 +25,27 @@ from s2d.transform.exit_rule import calibrate, confidence, exit_rates, exit_stag
 from s2d.transform.supernet import SuperNet
 
 OBJECTIVES = ("tolerance", "mnas")
+
+
+def float32_thresholds(thresholds: list[float]) -> list[float]:
+    """Each threshold raised to the smallest float32 >= it.
+
+    Confidences are float32 and torch compares them with a threshold in float32, while
+    ``calibrate`` picks thresholds (quantiles) in float64. A threshold between two float32
+    values would be rounded, possibly down onto a sample's confidence, and let samples exit
+    that calibration counted as continuing. Rounding up keeps ``c >= t`` identical in both
+    precisions for every float32 confidence ``c``.
+    """
+    out = []
+    for t in thresholds:
+        if t > 1.0:  # "never exit": no confidence reaches it in either precision
+            out.append(float(t))
+            continue
+        t32 = np.float32(t)
+        if float(t32) < t:
+            t32 = np.nextafter(t32, np.float32(np.inf))
+        out.append(float(t32))
+    return out
 
 
 @dataclass
@@ -120,16 +142,16 @@ class ArchEvaluator:
         if arch.thresholds or arch.num_stages == 1:
             thresholds = list(arch.thresholds)
         else:
-            thresholds, _ = calibrate(conf, correct, costs, self.target_accuracy)
+            thresholds = float32_thresholds(calibrate(conf, correct, costs, self.target_accuracy)[0])
         ex = exit_stages(conf, thresholds)
-        acc = correct.gather(0, ex[None])[0].float().mean().item()
+        acc = correct.gather(0, ex[None])[0].double().mean().item()  # float64, as calibrate counts
         rates = exit_rates(ex, arch.num_stages)
         avg = average_macs(costs, rates)
         ratio = avg / self.static_macs
         reward = self.objective.reward(acc, ratio, self.target_accuracy)
         return Evaluation(arch=arch.with_thresholds(thresholds).to_dict(), reward=reward, accuracy=acc,
                           average_macs=avg, mac_ratio=ratio, exit_rates=rates, thresholds=thresholds,
-                          stage_macs=costs, stage_accuracy=correct.float().mean(1).tolist(),
+                          stage_macs=costs, stage_accuracy=correct.double().mean(1).tolist(),
                           meets_target=acc >= self.target_accuracy - 1e-12)
 
     def archive_key(self, arch: MultiStageArch) -> str:
@@ -148,11 +170,11 @@ class ArchEvaluator:
         ev = self.score(arch, conf, correct, self.stage_costs(arch))
         ev.seconds = time.perf_counter() - t0
         ev.searcher = searcher
+        if not math.isfinite(ev.reward):
+            raise ValueError(f"non-finite reward for {arch.to_json()}")
         self.evaluations += 1
         if self.archive is not None:
             ev.index = len(self.archive)
             self.archive.add(key, ev.to_record())
-        if not math.isfinite(ev.reward):
-            raise ValueError(f"non-finite reward for {arch.to_json()}")
         return ev
 

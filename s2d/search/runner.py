@@ -36,8 +36,11 @@ class SearchSession:
         self.evaluator, self.algo, self.budget = evaluator, algo, budget
         self.log_path = run.root / f"search_{algo}.jsonl"
         self.log: list[dict[str, Any]] = []
+        self._torn = False  # the log ends mid-line (killed while writing): start the next record on a new line
         if self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
+            text = self.log_path.read_text()
+            self._torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
                 try:
                     self.log.append(json.loads(line))
                 except json.JSONDecodeError:
@@ -64,9 +67,10 @@ class SearchSession:
                "average_macs": ev.average_macs, "meets_target": ev.meets_target, "best_reward": self.best}
         self.log.append(rec)
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(("\n" if self._torn else "") + json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._torn = False
         front = pareto_front(self.log)
         for tag, value in (("reward", ev.reward), ("accuracy", ev.accuracy), ("average_macs", ev.average_macs),
                            ("mac_ratio", ev.mac_ratio), ("best_reward", self.best), ("pareto_size", len(front)),

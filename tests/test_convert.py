@@ -1,0 +1,210 @@
+"""``s2d convert`` end to end on the tiny budget, as a user runs it: in a subprocess.
+
+One conversion (module fixture, ~45-60 s here on one thread, most of it the report's
+speed measurements) serves every test of the file; the flag errors run on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s2d import checkpoint
+from s2d.models import get_model
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.graph import analyze
+from s2d.transform.supernet import is_dynamic_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def s2d(*args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "s2d", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    return r, time.perf_counter() - t0
+
+
+def convert_args(weights: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["convert", "--budget", "tiny", "--weights", str(weights), "--val-size", "1000", "--threads", "1",
+            "--quiet", "--run-dir", str(run_dir), *extra]
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, prefix: str, *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith(prefix), errors[0]
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_run) -> dict:
+    run_dir = tmp_path_factory.mktemp("convert") / "run"
+    r, seconds = s2d(*convert_args(tiny_run["model_pt"], run_dir))
+    print(f"\ntiny convert took {seconds:.1f} s")
+    return {"r": r, "seconds": seconds, "dir": run_dir, "weights": tiny_run["model_pt"]}
+
+
+def test_convert_end_to_end(converted):
+    r, run = converted["r"], converted["dir"]
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip() == "", r.stderr  # --quiet: nothing on stderr
+    assert "summary: test accuracy" in r.stdout and "dynamic.pt" in r.stdout
+
+    graph = analyze(get_model("resnet20", 10, 1), (1, 28, 28))
+    best = MultiStageArch.from_dict(json.loads((run / "best_arch.json").read_text())).validate(graph)
+    assert 2 <= best.num_stages <= 4 and len(best.thresholds) == best.num_stages - 1
+
+    ckpt = checkpoint.load(run / "checkpoints" / "dynamic.pt")
+    assert is_dynamic_checkpoint(ckpt) and ckpt["model"] == "resnet20"
+    assert MultiStageArch.from_dict(ckpt["arch"]) == best
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["command"] == "convert" and cfg["budget"] == "tiny" and cfg["weights"] == str(converted["weights"])
+
+    report = json.loads((run / "report.json").read_text())
+    assert {"static", "dynamic", "rows", "search"} <= set(report)
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["static (supernet)", "depth_only (supernet)", "width_only (supernet)", "searched (supernet)",
+                     "searched + fine-tuned"]
+    static = report["static"]
+    assert static["test_images"] == 300 and static["macs"] == 31_332_416
+    for row in report["rows"]:
+        assert sum(row["exit_rates"]) == pytest.approx(1.0)
+        assert row["mac_ratio"] == pytest.approx(row["average_macs"] / static["macs"])
+        assert row["accuracy_delta_points"] == pytest.approx((row["test_accuracy"] - static["test_accuracy"]) * 100)
+        reach = [1 - sum(row["exit_rates"][:s]) for s in range(len(row["exit_rates"]))]
+        assert row["average_macs"] == pytest.approx(sum(p * m for p, m in zip(reach, row["stage_macs"],
+                                                                                strict=True)))
+        assert row["latency_ms_batch1"] > 0 and row["throughput_img_s_batch256"] > 0
+    by_name = dict(zip(names, report["rows"], strict=True))
+    # the one-stage row is the full network (with the supernet's weights): the static MACs, no exits
+    assert by_name["static (supernet)"]["mac_ratio"] == pytest.approx(1.0)
+    assert by_name["static (supernet)"]["exit_rates"] == [1.0]
+    assert [s["width"] for s in by_name["depth_only (supernet)"]["arch"]["stages"]] == [1.0, 1.0, 1.0]
+    assert {s["exit"] for s in by_name["width_only (supernet)"]["arch"]["stages"]} == {"output"}
+    assert report["dynamic"] == by_name["searched + fine-tuned"]
+    assert report["dynamic"]["arch"] == best.to_dict()
+    assert set(report["search"]) == {"ppo", "random"}
+    assert all(s["evaluations"] == 4 for s in report["search"].values())
+
+    md = (run / "report.md").read_text()
+    assert md.startswith("# s2d conversion: resnet20 on fashion-mnist (budget tiny, search ppo)")
+    assert all(f"| {n} |" in md for n in names) and "| ppo | 4 |" in md and "| random | 4 |" in md
+
+    assert (run / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+    archive = [json.loads(line) for line in (run / "archive.jsonl").read_text().splitlines()]
+    assert 4 <= len(archive) <= 8 and {a["searcher"] for a in archive} <= {"ppo", "random"}
+    for sub in ("supernet", "search_ppo", "search_random", "finetune"):
+        assert list((run / "tensorboard" / sub).glob("events.out.tfevents.*")), sub
+    for name in ("supernet.pt", "finetune.pt", "ppo.zip", "dynamic.pt"):
+        assert (run / "checkpoints" / name).is_file(), name
+    state = json.loads((run / "state.json").read_text())
+    assert set(state) == {"supernet", "search", "finetune", "report"}
+
+
+def test_convert_again_is_quick_and_changes_nothing(converted):
+    assert converted["r"].returncode == 0
+    run = converted["dir"]
+    files = ("archive.jsonl", "search_ppo.jsonl", "search_random.jsonl", "report.json", "best_arch.json",
+             "checkpoints/dynamic.pt", "checkpoints/supernet.pt", "checkpoints/finetune.pt")
+    before = {f: (run / f).read_bytes() for f in files}
+    r, seconds = s2d(*convert_args(converted["weights"], run))
+    assert r.returncode == 0, r.stderr
+    print(f"\nsecond tiny convert took {seconds:.1f} s (first {converted['seconds']:.1f} s)")
+    assert {f: (run / f).read_bytes() for f in files} == before
+    assert "summary: test accuracy" in r.stdout
+    assert seconds < 0.5 * converted["seconds"]  # loads, checks and prints; measures nothing again
+
+
+def test_export_the_converted_network(converted, tmp_path):
+    assert converted["r"].returncode == 0
+    run = converted["dir"]
+    out = tmp_path / "onnx"
+    r, _ = s2d("export", "--weights", str(run / "checkpoints" / "dynamic.pt"), "--out", str(out), "--format", "onnx",
+               "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    best = json.loads((run / "best_arch.json").read_text())
+    n = len(best["stages"])
+    assert f"exported {n} stages (onnx)" in r.stdout
+    m = re.search(r"max \|logit diff\| (\S+), same exit stage for (\S+) %", r.stdout)
+    assert m and float(m.group(1)) <= 1e-4 and float(m.group(2)) == 100.0, r.stdout
+    meta = json.loads((out / "dynamic.json").read_text())
+    assert meta["arch"]["thresholds"] == best["thresholds"]
+    assert [s["file"] for s in meta["stages"]] == [f"stage{i}.onnx" for i in range(1, n + 1)]
+
+
+def test_a_run_dir_holding_a_different_run_is_refused(converted):
+    assert converted["r"].returncode == 0
+    run = converted["dir"]
+    config = (run / "config.yaml").read_bytes()
+    archive = (run / "archive.jsonl").read_bytes()
+    r, _ = s2d(*convert_args(converted["weights"], run, "--model", "resnet32"))
+    assert_one_line_error(r, "s2d: error: ", "holds a different run", "model", "resnet32")
+    r, _ = s2d(*convert_args(converted["weights"], run, "--tolerance", "1.0"))
+    assert_one_line_error(r, "s2d: error: ", "holds a different run", "tolerance")
+    assert (run / "config.yaml").read_bytes() == config
+    assert (run / "archive.jsonl").read_bytes() == archive
+
+
+@pytest.mark.parametrize(("flags", "prefix", "needles"), [
+    (["--budget", "nope"], "s2d convert: error: ", ["--budget", "nope"]),
+    (["--algo", "evolution"], "s2d convert: error: ", ["--algo"]),
+    (["--tolerance", "-1"], "s2d: error: ", ["--tolerance", "-1"]),
+    (["--max-stages", "7"], "s2d: error: ", ["--max-stages", "7"]),
+    (["--device", "tpu"], "s2d: error: ", ["--device"]),
+])
+def test_bad_flags(tmp_path, flags, prefix, needles):
+    run = tmp_path / "run"
+    r, seconds = s2d("convert", "--budget", "tiny", "--weights", "none", "--run-dir", str(run), "--quiet",
+                     "--threads", "1", *flags)
+    assert_one_line_error(r, prefix, *needles)
+    assert not (run / "config.yaml").exists()  # refused before the run directory is written
+    assert seconds < 60
+
+
+def test_search_without_a_supernet_says_what_to_run(tmp_path):
+    r, _ = s2d("search", "--budget", "tiny", "--weights", "none", "--run-dir", str(tmp_path / "run"), "--quiet",
+               "--threads", "1")
+    assert_one_line_error(r, "s2d: error: ", "no trained supernet", "s2d supernet")
+
+
+@pytest.mark.slow
+def test_interrupted_convert_resumes(tmp_path, tiny_run):
+    """Kill the conversion during the search and run it again: it completes, and the search
+    picks up where the archive left off (the supernet is not trained again)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "s2d", *convert_args(tiny_run["model_pt"], run)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    archive = run / "archive.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if archive.exists() and len(archive.read_text().splitlines()) >= 2:
+            proc.send_signal(2)  # Ctrl-C
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, proc.stderr.read()
+    assert "run the same command again to resume" in proc.stderr.read()
+    supernet = (run / "checkpoints" / "supernet.pt").read_bytes()
+    kept = archive.read_text()
+    r, _ = s2d(*convert_args(tiny_run["model_pt"], run))
+    assert r.returncode == 0, r.stderr
+    assert archive.read_text().startswith(kept)
+    assert (run / "checkpoints" / "supernet.pt").read_bytes() == supernet
+    assert json.loads((run / "report.json").read_text())["search"]["ppo"]["evaluations"] == 4
