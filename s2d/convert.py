@@ -83,8 +83,8 @@ class ConvertConfig:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
-IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds", "max_stages",
-            "seed", "val_size", "split_seed")
+IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
+            "max_stages", "seed", "val_size", "split_seed")
 
 
 class Pipeline:

@@ -187,7 +187,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
                 loss = sum(losses) / len(losses)
                 (loss / len(archs)).backward()
                 if step % 10 == 0:
-                    name = "largest" if a == 0 else "smallest" if a == 1 else f"random{a - 1}"
+                    name = "arch" if len(archs) == 1 else ["largest", "smallest"][a] if a < 2 else f"random{a - 1}"
                     for s, (o, lo) in enumerate(zip(outs, losses, strict=True)):
                         writer.add_scalar(f"{tag}/{name}_stage{s + 1}_loss", lo.item(), step)
                         writer.add_scalar(f"{tag}/{name}_stage{s + 1}_acc", (o.argmax(1) == y).float().mean().item(),
