@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from s2d.data import Dataset, load_dataset
+from s2d.models import get_model
 from s2d.train import TrainConfig, train_static
+from s2d.transform.supernet import SuperNet
 
 THREADS = int(os.environ.get("S2D_TEST_THREADS", "1"))
 torch.set_num_threads(THREADS)
@@ -57,3 +59,23 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, quick_data: Dataset) -> d
         "last_pt": Path(run_dir) / "checkpoints" / "last.pt",
         "final": final,
     }
+
+
+def random_resnet20_supernet(head_std: float) -> SuperNet:
+    """A random-weight ResNet-20 supernet with non-trivial BN statistics and heads scaled by
+    ``head_std``, so that some samples are confident at early exits and others are not."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    net = SuperNet(model.eval(), (1, 28, 28), 10).eval()
+    with torch.no_grad():
+        for h in net.heads.values():
+            h.fc.weight.normal_(0, head_std, generator=g)
+    return net

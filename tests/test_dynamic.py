@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from conftest import random_resnet20_supernet
 
-from s2d.models import get_model
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.exit_rule import EXIT_RULES, confidence, entropy, exit_rates, exit_stages, margin, max_softmax
 from s2d.transform.supernet import SuperNet
@@ -20,21 +19,7 @@ STAGES = [{"width": 0.25, "exit": "layer1.2", "reuse": True},
 
 @pytest.fixture(scope="module")
 def sn() -> SuperNet:
-    torch.manual_seed(0)
-    model = get_model("resnet20", 10, 1)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    net = SuperNet(model.eval(), (1, 28, 28), 10).eval()
-    with torch.no_grad():  # heads that are confident on some samples and not on others
-        for h in net.heads.values():
-            h.fc.weight.normal_(0, 1.5, generator=g)
-    return net
+    return random_resnet20_supernet(head_std=1.5)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from conftest import random_resnet20_supernet
 
 from s2d.data import Batches
 from s2d.errors import S2DError
 from s2d.export import ExportedDynamicNet, export
-from s2d.models import get_model
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.exit_rule import confidence
-from s2d.transform.supernet import SuperNet
 
 SHAPE = (1, 28, 28)
 
@@ -26,20 +24,7 @@ def images(fmnist) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def net_and_images(images):
-    torch.manual_seed(0)
-    model = get_model("resnet20", 10, 1)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.2, generator=g)
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    sn = SuperNet(model.eval(), SHAPE, 10).eval()
-    with torch.no_grad():
-        for h in sn.heads.values():
-            h.fc.weight.normal_(0, 2.0, generator=g)
+    sn = random_resnet20_supernet(head_std=2.0)
     arch = MultiStageArch.from_dict({"stages": [{"width": 0.25, "exit": "layer1.2", "reuse": True},
                                                 {"width": 0.5, "exit": "layer2.1", "reuse": [True, False, True]},
                                                 {"width": 1.0, "exit": "output", "reuse": True}],
