@@ -43,15 +43,16 @@ class Budget:
     compare_random: bool  # also run random search at the same number of evaluations
     test_limit: int | None = None  # test images in the report (None: all)
     report_val_images: int | None = None  # validation images for the report's calibration (None: all)
+    head_images: int = 5000  # training images whose static features initialise the exit heads
 
 
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
-                   compare_random=True, test_limit=300, report_val_images=300),
+                   compare_random=True, test_limit=300, report_val_images=300, head_images=500),
     "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False),
     "full": Budget(supernet_steps=2000, evaluations=300, search_val_images=5000, finetune_steps=800,
-                   batch_size=128, compare_random=True),
+                   batch_size=128, compare_random=True, head_images=20000),
 }
 
 
@@ -121,8 +122,14 @@ class Pipeline:
 
     # --- phases ---------------------------------------------------------------------------
     def supernet_phase(self) -> None:
-        """Sandwich-rule fine-tuning of the supernet, distilled from the static model."""
+        """Exit heads as linear probes of the static features, then sandwich-rule fine-tuning
+        of the supernet, distilled from the static model."""
+        from s2d.finetune import init_heads
+
         probes = [self.space.width_only(), self.space.depth_only()]
+        if not (self.run.checkpoints / "supernet.pt").exists():  # a resumed run has its heads in the checkpoint
+            init_heads(self.supernet, self.data.train.subset(self.budget.head_images), self.data.info,
+                       device=self.cfg.device)
         train_archs(self.supernet, self.teacher, self.data, sandwich_sampler(self.space, 2),
                     self.train_config(self.budget.supernet_steps), self.run, ckpt_name="supernet.pt",
                     tag="supernet", device=self.cfg.device, progress=self.progress, probe_archs=probes)

@@ -25,7 +25,7 @@ from s2d.data import Batches, Dataset, DatasetInfo, Split
 from s2d.errors import S2DError
 from s2d.runs import Run
 from s2d.space import SearchSpace
-from s2d.transform.arch import MultiStageArch, static_arch
+from s2d.transform.arch import MultiStageArch, channels, static_arch
 from s2d.transform.stages import head_key
 from s2d.transform.supernet import SuperNet
 
@@ -50,31 +50,65 @@ def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split,
     return [torch.cat(f) for f in feats]
 
 
+def _fit_linear(fc: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+                batch_size: int, generator: torch.Generator) -> float:
+    """Adam with cosine decay on (pooled features, labels); returns the last batch loss."""
+    dev = fc.weight.device
+    opt = torch.optim.Adam(fc.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(feats) + batch_size - 1) // batch_size))
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(feats), generator=generator)
+        for i in range(0, len(feats), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(fc(feats[idx].to(dev)), labels[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return loss.item()
+
+
 def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *, epochs: int = 15,
               lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
               device: str | torch.device = "cpu") -> list[float]:
     """Train the linear layers of the non-final heads of ``arch``; returns each head's final loss."""
     feats = pooled_exit_features(supernet, arch, split, info, device=device)
-    labels = split.labels
-    losses = []
     g = torch.Generator().manual_seed(seed)
-    for s, f in zip(arch.stages[:-1], feats, strict=True):
-        fc = supernet.heads[head_key(s.exit, s.width)].fc
-        opt = torch.optim.Adam(fc.parameters(), lr=lr, weight_decay=1e-4)
-        steps = epochs * ((len(f) + batch_size - 1) // batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        loss = torch.tensor(0.0)
-        for _ in range(epochs):
-            order = torch.randperm(len(f), generator=g)
-            for i in range(0, len(f), batch_size):
-                idx = order[i:i + batch_size]
-                loss = F.cross_entropy(fc(f[idx].to(fc.weight.device)), labels[idx].to(fc.weight.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        losses.append(loss.item())
-    return losses
+    return [_fit_linear(supernet.heads[head_key(s.exit, s.width)].fc, f, split.labels, epochs=epochs, lr=lr,
+                        batch_size=batch_size, generator=g)
+            for s, f in zip(arch.stages[:-1], feats, strict=True)]
+
+
+@torch.no_grad()
+def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: int = 10, lr: float = 1e-2,
+               batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu") -> int:
+    """Start every exit head as a linear probe of the static model's features at its exit.
+
+    One pass of the static trunk gives every exit's features; a head of width w reads the
+    first c_w(C) channels of them. Far better than random heads as a starting point for
+    supernet training; returns the number of heads fitted.
+    """
+    graph = supernet.graph
+    trunk = graph.truncated(*(e.node for e in graph.exits)).to(device).eval()
+    pooled: list[list[torch.Tensor]] = [[] for _ in graph.exits]
+    for x, _ in Batches(split, info, 500, device=device):
+        outs = trunk(x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for j, o in enumerate(outs):
+            pooled[j].append(o.mean((2, 3)).cpu())
+    g = torch.Generator().manual_seed(seed)
+    fitted = 0
+    for e, chunks in zip(graph.exits, pooled, strict=True):
+        feats = torch.cat(chunks)
+        for w in supernet.widths:
+            key = head_key(e.name, w)
+            if key in supernet.heads:
+                with torch.enable_grad():
+                    _fit_linear(supernet.heads[key].fc, feats[:, :channels(w, e.channels)], split.labels,
+                                epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
+                fitted += 1
+    return fitted
 
 
 # --- supernet training -------------------------------------------------------------------

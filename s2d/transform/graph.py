@@ -132,17 +132,21 @@ class ModelGraph:
     def exit_names(self) -> list[str]:
         return [e.name for e in self.exits]
 
-    def truncated(self, node_name: str) -> fx.GraphModule:
-        """The static model up to trunk node ``node_name``, returning its features."""
+    def truncated(self, *node_names: str) -> fx.GraphModule:
+        """The static model up to the last of ``node_names``, returning their features (a tuple for several)."""
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
+        wanted, found = set(node_names), {}
         for n in self.gm.graph.nodes:
             if n.op == "output":
                 break
             env[n] = g.node_copy(n, env.__getitem__)
-            if n.name == node_name:
-                break
-        g.output(env[n])
+            if n.name in wanted:
+                found[n.name] = env[n]
+                if len(found) == len(wanted):
+                    break
+        outs = [found[name] for name in node_names]
+        g.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.gm, g)
         gm.graph.eliminate_dead_code()
         gm.recompile()
