@@ -128,6 +128,11 @@ def cmd_zoo_add(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from s2d.report import evaluate_static, format_eval
 
+    if args.arch:  # fail on a malformed arch file before the slow part
+        from s2d.transform.arch import MultiStageArch
+
+        MultiStageArch.load(args.arch)
+
     data, model = _load(args)
     result = evaluate_static(model, data, device=_check_device(args.device), limit=args.limit,
                              repeats=args.repeats)

@@ -173,7 +173,35 @@ def evaluate_dynamic(model_name: str, model: nn.Module, data: Dataset, arch_path
     out["latency_ratio"] = out["latency_ms_batch1"] / static["latency_ms_batch1"]
     out["throughput_ratio"] = out["throughput_img_s_batch256"] / static["throughput_img_s_batch256"]
     out["accuracy_delta"] = out["test_accuracy"] - static["test_accuracy"]
+    out["threshold_sweep"] = threshold_sweep(supernet, arch, data, costs, static["macs"], device=device, limit=limit)
     return out
+
+
+SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+@torch.no_grad()
+def threshold_sweep(supernet: SuperNet, arch: MultiStageArch, data: Dataset, costs: list[float], static_macs: float,
+                    *, device: str = "cpu", limit: int | None = None) -> list[dict[str, Any]]:
+    """Test accuracy and average MACs with one threshold for every stage, for a few values.
+
+    A report figure (how accuracy trades against cost), never used to choose anything.
+    """
+    from s2d.transform.exit_rule import exit_stages
+
+    test = data.test.subset(limit)
+    supernet.eval()
+    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), test, data.info, device=device)
+    conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
+    correct = logits.argmax(-1) == test.labels[None]
+    rows = []
+    for t in SWEEP:
+        ex = exit_stages(conf, [t] * (arch.num_stages - 1))
+        rates = exit_rates(ex, arch.num_stages)
+        avg = average_macs(costs, rates)
+        rows.append({"threshold": t, "test_accuracy": correct.gather(0, ex[None])[0].double().mean().item(),
+                     "average_macs": avg, "mac_ratio": avg / static_macs, "exit_rates": rates})
+    return rows
 
 
 def format_dynamic(d: dict[str, Any]) -> str:
@@ -190,6 +218,12 @@ def format_dynamic(d: dict[str, Any]) -> str:
         f"latency      {d['latency_ms_batch1']:.2f} ms batch 1 ({d['latency_ratio']:.2f}x static)",
         f"throughput   {d['throughput_img_s_batch256']:.0f} img/s batch 256 ({d['throughput_ratio']:.2f}x static)",
     ]
+    if d.get("threshold_sweep"):
+        lines.append("threshold sweep (same threshold at every stage; test split, for reference only):")
+        for r in d["threshold_sweep"]:
+            rates = " / ".join(f"{x * 100:.0f}" for x in r["exit_rates"])
+            lines.append(f"  {r['threshold']:<5} acc {r['test_accuracy'] * 100:6.2f} %  "
+                         f"MACs {r['average_macs'] / 1e6:6.2f} M ({r['mac_ratio']:.3f})  exits {rates} %")
     return "\n".join(lines)
 
 

@@ -90,7 +90,9 @@ class MultiStageArch:
                 raise ArchError(f"stage {i}: width must be a number, got {s['width']!r}") from None
             stages.append(Stage(width, str(s["exit"]), reuse))
         thresholds = d.get("thresholds", [])
-        if not isinstance(thresholds, list) or not all(isinstance(t, int | float) for t in thresholds):
+        if not isinstance(thresholds, list) or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds
+        ):
             raise ArchError("thresholds must be a list of numbers")
         return cls(tuple(stages), d.get("exit_rule", "max_softmax"), tuple(float(t) for t in thresholds))
 
