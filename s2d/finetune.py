@@ -122,7 +122,7 @@ class SupernetConfig:
     weights: str = "zoo"
     steps: int = 300
     batch_size: int = 128
-    lr: float = 0.01  # backbone; heads use head_lr
+    lr: float = 0.005  # backbone (pretrained: keep it gentle); heads use head_lr
     head_lr: float = 0.05
     weight_decay: float = 5e-5
     random_archs: int = 2  # per batch, besides the largest and the smallest (sandwich rule)
@@ -173,7 +173,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
     opt = torch.optim.SGD([{"params": backbone, "lr": cfg.lr},
                            {"params": supernet.heads.parameters(), "lr": cfg.head_lr}],
                           momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.steps // 20)
+    warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
     rng = np.random.default_rng(cfg.seed)

@@ -123,8 +123,12 @@ class SearchSpace:
         return self.build(n, chosen)
 
     def smallest(self) -> MultiStageArch:
-        """The cheapest first stage: narrowest width at the first exit, then the full network."""
-        return MultiStageArch((Stage(self.widths[0], self.exits[0], True), Stage(1.0, OUTPUT_EXIT, True)),
+        """The small end of the sandwich rule: a quarter-width first stage exiting at the end of the
+        first section (narrower or earlier stages are too weak to train usefully), then the full network."""
+        ends = [e for i, e in enumerate(self.graph.exits[:-1]) if self.graph.exits[i + 1].section != e.section]
+        exit_ = (ends or self.graph.exits[:-1] or self.graph.exits)[0].name
+        width = self.widths[min(1, len(self.widths) - 1)] if exit_ != OUTPUT_EXIT else self.widths[0]
+        return MultiStageArch((Stage(width, exit_, True), Stage(1.0, OUTPUT_EXIT, True)),
                               self.exit_rule).validate(self.graph)
 
     # Special cases of the space, used as baselines.

@@ -308,11 +308,13 @@ def test_sample_respects_stage_limits_and_thresholds(r20_graph):
 
 
 def test_smallest(r20_graph, mnv3_graph):
+    """Quarter width at the end of the first section (the first exit whose next exit changes resolution)."""
+    expected = {id(r20_graph): "layer1.2", id(mnv3_graph): "features.0"}
     for graph in (r20_graph, mnv3_graph):
         space = SearchSpace(graph)
         arch = space.smallest()
         arch.validate(graph)
-        assert arch.stages == (Stage(WIDTH_GRID[0], graph.exit_names[0], True), Stage(1.0, OUTPUT_EXIT, True))
+        assert arch.stages == (Stage(WIDTH_GRID[1], expected[id(graph)], True), Stage(1.0, OUTPUT_EXIT, True))
         assert arch.thresholds == ()
 
 
