@@ -63,15 +63,15 @@ def load_dynamic(args: argparse.Namespace, *, need_arch: bool = True):
         return data, supernet.eval(), supernet.validate(arch)
     if not args.arch:
         raise S2DError("--arch ARCH.json is required unless --weights is a dynamic checkpoint from `s2d convert`")
+    from s2d.cost import stage_macs
+    from s2d.evaluation import accuracy
+
     supernet = SuperNet(load_model(args.model, info, weights), shape, info.num_classes)
     arch = supernet.validate(MultiStageArch.load(args.arch))
+    target = accuracy(supernet.static, data.val, info) - args.tolerance / 100  # before BN is recalibrated
     prepare_arch(supernet, arch, data)
     if len(arch.thresholds) != arch.num_stages - 1:
-        from s2d.cost import stage_macs
-        from s2d.evaluation import accuracy
-
         costs, _ = stage_macs(supernet.materialise(arch, fold_bn=False).stages, shape)
-        target = accuracy(supernet.static, data.val, info) - args.tolerance / 100
         arch, _ = calibrate_arch(supernet, arch, data, costs, min_accuracy=target)
     torch.set_grad_enabled(True)
     return data, supernet.eval(), arch

@@ -154,9 +154,9 @@ def evaluate_dynamic(model_name: str, model: nn.Module, data: Dataset, arch_path
     supernet = SuperNet(model.cpu(), (info.in_channels, info.image_size, info.image_size),
                         info.num_classes).to(device)
     arch = supernet.validate(MultiStageArch.load(arch_path))
+    static_val = accuracy(supernet.static, data.val, info, device=device)  # before BN is recalibrated for the arch
     prepare_arch(supernet, arch, data, device=device)
     costs, skipped = stage_macs(supernet.materialise(arch, fold_bn=False).stages, supernet.input_shape)
-    static_val = accuracy(supernet.static, data.val, info, device=device)
     calibrated, val = calibrate_arch(supernet, arch, data, costs, min_accuracy=static_val - tolerance,
                                      device=device)
     if arch.thresholds:
