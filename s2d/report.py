@@ -113,7 +113,7 @@ def prepare_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, *, dev
 
     if arch.num_stages == 1:
         return
-    if recalibrate:
+    if recalibrate and any(s.width < 1 for s in arch.stages):  # full-width archs compute the static network
         train = Batches(data.train, data.info, 256, shuffle=True, seed=1, device=device)
         supernet.recalibrate_bn(arch, train, num_batches=20)
     fit_heads(supernet, arch, data.train.subset(head_images), data.info, device=device)
