@@ -19,7 +19,7 @@ import torch
 from scipy.stats import kendalltau
 
 from s2d.errors import S2DError
-from s2d.finetune import train_archs
+from s2d.finetune import fit_heads, train_archs
 from s2d.runs import open_run, write_json_atomic
 
 TARGETS = {"accuracy_delta_points": -0.2, "mac_ratio": 1 / 3, "throughput_ratio": 2.0}
@@ -69,6 +69,8 @@ def rank_correlation(pipeline, *, archs: int = 8, steps: int = 150, seed: int = 
         alone = SuperNet(copy.deepcopy(pipeline.static).cpu(), (info.in_channels, info.image_size, info.image_size),
                          info.num_classes).to(device)
         run = open_run(out_dir / f"arch{i}", {"arch": arch.key()}, identity=("arch",))
+        if not (run.checkpoints / "alone.pt").exists():  # same head start as the supernet's heads had
+            fit_heads(alone, arch, pipeline.data.train.subset(pipeline.budget.head_images), info, device=device)
         train_archs(alone, pipeline.teacher, pipeline.data, lambda r, a=arch: [a], pipeline.train_config(steps),
                     run, ckpt_name="alone.pt", tag="alone", device=device, progress=progress)
         tuned, tuned_last = _mean_stage_accuracy(alone, arch, pipeline.data, device, images)
