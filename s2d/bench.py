@@ -23,6 +23,17 @@ from s2d.finetune import fit_heads, train_archs
 from s2d.runs import open_run, write_json_atomic
 
 TARGETS = {"accuracy_delta_points": -0.2, "mac_ratio": 1 / 3, "throughput_ratio": 2.0}
+ZOO_TARGETS = {("resnet20", "fashion-mnist"): 0.930, ("mobilenetv2", "fashion-mnist"): 0.925}  # test accuracy
+
+
+def check_zoo() -> dict[str, Any]:
+    """The zoo's recorded test accuracies against the foundation targets."""
+    from s2d.zoo import load_manifest
+
+    have = {(e["name"], e["dataset"]): e for e in load_manifest()}
+    return {f"{n} ({d})": {"value": have[n, d]["test_accuracy"] if (n, d) in have else float("nan"),
+                          "target": f">= {t}", "met": (n, d) in have and have[n, d]["test_accuracy"] >= t}
+            for (n, d), t in ZOO_TARGETS.items()}
 
 
 def check_targets(run_dir: str | Path) -> dict[str, Any]:

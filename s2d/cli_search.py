@@ -58,11 +58,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from s2d.bench import check_targets, rank_correlation
+    from s2d.bench import check_targets, check_zoo, rank_correlation
     from s2d.convert import Pipeline
 
-    if args.what == "targets":
-        res = check_targets(_run_dir(args))
+    if args.what in ("targets", "zoo"):
+        res = check_targets(_run_dir(args)) if args.what == "targets" else check_zoo()
         for k, v in res.items():
             print(f"{k:<24}{v['value']:>8.3f}  target {v['target']:<8} {'met' if v['met'] else 'NOT met'}")
         return 0 if all(v["met"] for v in res.values()) else 1
@@ -108,8 +108,8 @@ def add_commands(sub, add_model_args, add_data_args, add_runtime_args) -> None:
     common(p)
     p.add_argument("--compare-random", action="store_true", help="also run random search at the same budget")
     p.set_defaults(func=cmd_search)
-    p = sub.add_parser("bench", help="measured targets: `targets` of a conversion, supernet `rank` correlation")
-    p.add_argument("what", choices=("targets", "rank"))
+    p = sub.add_parser("bench", help="measured targets: `zoo` accuracy, `targets` of a conversion, supernet `rank`")
+    p.add_argument("what", choices=("zoo", "targets", "rank"))
     common(p)
     p.add_argument("--archs", type=int, default=8, help="rank: archs to fine-tune separately")
     p.add_argument("--steps", type=int, default=150, help="rank: fine-tune steps per arch")
