@@ -90,7 +90,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
                       optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, label_smoothing=args.label_smoothing, seed=args.seed,
                       val_size=args.val_size, split_seed=args.split_seed, train_limit=args.train_limit,
-                      data_dir=args.data_dir, device=_check_device(args.device))
+                      data_dir=args.data_dir, init_weights=args.init_weights, device=_check_device(args.device))
     dataset = args.dataset.replace(":", "-").replace("/", "-")
     run_dir = args.run_dir or f"runs/train-{args.model.replace(':', '-')}-{dataset}"
     final = train_static(cfg, run_dir, progress=not args.quiet)
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=_positive_int, help="train on the first N images only (smoke tests)")
+    p.add_argument("--init-weights", help="checkpoint to start from (fine-tune) instead of random init")
     p.add_argument("--run-dir", help="default runs/train-MODEL-DATASET")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_base)

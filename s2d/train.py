@@ -45,6 +45,7 @@ class TrainConfig:
     split_seed: int = 0
     train_limit: int | None = None  # train on the first N samples only (smoke tests)
     data_dir: str | None = None
+    init_weights: str | None = None  # start from this checkpoint (fine-tuning) instead of random init
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,7 +68,7 @@ class TrainConfig:
 # last.pt were built from them (a different --lr or --train-limit would be silently ignored
 # or break the schedule's step count).
 IDENTITY = ("model", "dataset", "seed", "val_size", "split_seed", "optimizer", "schedule", "batch_size",
-            "lr", "momentum", "weight_decay", "label_smoothing", "train_limit")
+            "lr", "momentum", "weight_decay", "label_smoothing", "train_limit", "init_weights")
 
 
 def seed_everything(seed: int) -> None:
@@ -105,7 +106,8 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
     run = open_run(run_dir, {"command": "train-base", **asdict(cfg)}, identity=IDENTITY)
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
-    model = get_model(cfg.model, info.num_classes, info.in_channels, image_size=info.image_size).to(device)
+    model = get_model(cfg.model, info.num_classes, info.in_channels, cfg.init_weights,
+                      image_size=info.image_size).to(device)
     train: Split = data.train.subset(cfg.train_limit)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     opt = make_optimizer(model.parameters(), cfg)

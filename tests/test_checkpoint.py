@@ -220,3 +220,15 @@ def test_unwritable_run_dir_is_one_line(tiny_config, tmp_path, quick_data):
         train_static(tiny_config(), blocker / "run", progress=False, data=quick_data)
     assert "not writable" in _one_line(e)
     assert blocker.read_text() == ""
+
+
+def test_init_weights_starts_training_from_a_checkpoint(tiny_run, tiny_config, quick_data, tmp_path):
+    """--init-weights fine-tunes: with a vanishing learning rate the weights stay the checkpoint's."""
+    cfg = tiny_config(epochs=1, lr=1e-12, weight_decay=0.0, train_limit=64, init_weights=str(tiny_run["model_pt"]))
+    train_static(cfg, tmp_path / "ft", progress=False, data=quick_data)
+    start = checkpoint.load(tiny_run["model_pt"])["state_dict"]
+    after = checkpoint.load(tmp_path / "ft" / "checkpoints" / "model.pt")["state_dict"]
+    conv = "conv1.weight"
+    assert torch.allclose(after[conv], start[conv], atol=1e-6)
+    fresh = get_model("resnet20", 10, 1).state_dict()[conv]
+    assert not torch.allclose(fresh, start[conv], atol=1e-3)
