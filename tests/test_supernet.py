@@ -196,26 +196,24 @@ def mobilenet_sn() -> SuperNet:
     return supernet("torchvision:mobilenet_v3_small", (3, 32, 32))
 
 
+def check_incremental(sn: SuperNet, arch, x: torch.Tensor) -> None:
+    """forward_stages (and its first stages alone) equals the independent masked reference."""
+    with torch.no_grad():
+        ref = reference_stages(sn, arch, x)
+        assert_stages_close(sn.forward_stages(x, arch), ref)
+        assert_stages_close(sn.forward_stages(x, arch, upto=2), ref[:2])
+
+
 @pytest.mark.parametrize("label", list(RESNET20_ARCHS))
 def test_incremental_stages_equal_masked_reference_resnet20(resnet20_sn, label):
-    arch = make_arch(*RESNET20_ARCHS[label])
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        got = resnet20_sn.forward_stages(x, arch)
-        ref = reference_stages(resnet20_sn, arch, x)
-    assert_stages_close(got, ref)
-    with torch.no_grad():  # upto: only the first stages, same values
-        assert_stages_close(resnet20_sn.forward_stages(x, arch, upto=2), ref[:2])
+    check_incremental(resnet20_sn, make_arch(*RESNET20_ARCHS[label]),
+                      torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("label", list(MOBILENET_ARCHS))
 def test_incremental_stages_equal_masked_reference_mobilenet_v3(mobilenet_sn, label):
-    arch = make_arch(*MOBILENET_ARCHS[label])
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        got = mobilenet_sn.forward_stages(x, arch)
-        ref = reference_stages(mobilenet_sn, arch, x)
-    assert_stages_close(got, ref)
+    check_incremental(mobilenet_sn, make_arch(*MOBILENET_ARCHS[label]),
+                      torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
 
 
 def test_reference_distinguishes_reuse(resnet20_sn):
