@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,6 @@ def _mean_stage_accuracy(supernet, arch, data, device: str, images: int) -> tupl
 def rank_correlation(pipeline, *, archs: int = 8, steps: int = 150, seed: int = 0, images: int = 2000,
                      progress: bool = True) -> dict[str, Any]:
     """Kendall tau of supernet accuracy vs. separately fine-tuned accuracy, for ``archs`` sampled archs."""
-    from s2d.transform.supernet import SuperNet
 
     pipeline.load_supernet()
     rng = np.random.default_rng(seed + 12345)
@@ -77,8 +75,7 @@ def rank_correlation(pipeline, *, archs: int = 8, steps: int = 150, seed: int = 
         if i < len(rows):
             continue  # resumed
         shared, shared_last = _mean_stage_accuracy(pipeline.supernet, arch, pipeline.data, device, images)
-        alone = SuperNet(copy.deepcopy(pipeline.static).cpu(), (info.in_channels, info.image_size, info.image_size),
-                         info.num_classes).to(device)
+        alone = pipeline.new_supernet()
         run = open_run(out_dir / f"arch{i}", {"arch": arch.key()}, identity=("arch",))
         if not (run.checkpoints / "alone.pt").exists():  # same head start as the supernet's heads had
             fit_heads(alone, arch, pipeline.data.train.subset(pipeline.budget.head_images), info, device=device)

@@ -12,7 +12,8 @@ def _config(args: argparse.Namespace):
 
     return ConvertConfig(model=args.model, dataset=args.dataset, weights=args.weights, algo=args.algo,
                          budget=args.budget, tolerance=args.tolerance, objective=args.objective,
-                         search_thresholds=args.search_thresholds, max_stages=args.max_stages, seed=args.seed,
+                         search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
+                         seed=args.seed,
                          val_size=args.val_size, split_seed=args.split_seed, data_dir=args.data_dir,
                          device=_check_device(args.device))
 
@@ -94,6 +95,8 @@ def add_commands(sub, add_model_args, add_data_args, add_runtime_args) -> None:
         p.add_argument("--search-thresholds", action="store_true",
                        help="search exit thresholds with the arch (EDANAS) instead of calibrating them")
         p.add_argument("--max-stages", type=int, default=4)
+        p.add_argument("--bn", choices=("batch", "frozen"), default="batch",
+                       help="batch-norm statistics in supernet training: per arch (batch) or the static ones (frozen)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--run-dir", help="default runs/convert-MODEL-DATASET-BUDGET")
         p.add_argument("--quiet", action="store_true", help="no progress bars")

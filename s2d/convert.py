@@ -19,7 +19,7 @@ import torch
 
 from s2d import checkpoint
 from s2d.cost import static_cost
-from s2d.data import Dataset, load_dataset
+from s2d.data import Batches, Dataset, load_dataset
 from s2d.errors import S2DError
 from s2d.evaluation import accuracy
 from s2d.finetune import SupernetConfig, sandwich_sampler, train_archs
@@ -44,15 +44,17 @@ class Budget:
     test_limit: int | None = None  # test images in the report (None: all)
     report_val_images: int | None = None  # validation images for the report's calibration (None: all)
     head_images: int = 5000  # training images whose static features initialise the exit heads
+    bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
 
 
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
-                   compare_random=True, test_limit=300, report_val_images=300, head_images=500),
+                   compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500),
     "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
-                    batch_size=128, compare_random=False),
-    "full": Budget(supernet_steps=2000, evaluations=300, search_val_images=5000, finetune_steps=800,
-                   batch_size=128, compare_random=True, head_images=20000),
+                    batch_size=128, compare_random=False, bn_images=1000),
+    # sized for ~1.5 h of ResNet-20 on one CPU thread (an evaluation is ~1 s per 1000 images)
+    "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=3000, finetune_steps=500,
+                   batch_size=128, compare_random=True, head_images=20000, bn_images=1000),
 }
 
 
@@ -67,6 +69,7 @@ class ConvertConfig:
     objective: str = "tolerance"
     search_thresholds: bool = False
     max_stages: int = 4
+    bn: str = "batch"  # batch-norm statistics while training the supernet: "batch" (per arch) or "frozen"
     seed: int = 0
     val_size: int = 5000
     split_seed: int = 0
@@ -80,12 +83,14 @@ class ConvertConfig:
             raise S2DError(f"unknown --algo {self.algo!r}; valid: {', '.join(ALGOS)}")
         if not 0 <= self.tolerance < 100:
             raise S2DError(f"--tolerance is in accuracy points (e.g. 0.5), got {self.tolerance}")
+        if self.bn not in ("batch", "frozen"):
+            raise S2DError(f"unknown --bn {self.bn!r}; valid: batch, frozen")
         if not 2 <= self.max_stages <= 4:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
-            "max_stages", "seed", "val_size", "split_seed")
+            "max_stages", "bn", "seed", "val_size", "split_seed")
 
 
 class Pipeline:
@@ -99,16 +104,26 @@ class Pipeline:
         self.data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size,
                                          split_seed=cfg.split_seed)
         self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY)
-        info = self.data.info
-        self.static = load_model(cfg.model, info, cfg.weights).to(cfg.device)
+        self.static = load_model(cfg.model, self.data.info, cfg.weights).to(cfg.device)
         self.teacher = copy.deepcopy(self.static).eval()
-        self.supernet = SuperNet(copy.deepcopy(self.static).cpu(), (info.in_channels, info.image_size,
-                                 info.image_size), info.num_classes).to(cfg.device)
+        self.supernet = self.new_supernet()
         self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
                                  search_thresholds=cfg.search_thresholds)
         self.archive = Archive(self.run.root / "archive.jsonl")
         self.state_path = self.run.root / "state.json"
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def new_supernet(self) -> SuperNet:
+        """A supernet of the static model; with ``bn == "batch"`` every arch gets its own BN statistics,
+        estimated on fixed, un-augmented training images, so they are reproducible."""
+        info, cfg = self.data.info, self.cfg
+        sn = SuperNet(copy.deepcopy(self.static).cpu(), (info.in_channels, info.image_size, info.image_size),
+                      info.num_classes).to(cfg.device)
+        if cfg.bn == "batch":
+            bn_images = self.data.train.subset(self.budget.bn_images)
+            sn.use_arch_statistics(lambda: Batches(bn_images, info, 250, device=cfg.device),
+                                   num_batches=-(-len(bn_images) // 250))
+        return sn
 
     def _done(self, phase: str, **result: Any) -> None:
         self.state[phase] = result
@@ -118,7 +133,7 @@ class Pipeline:
         c = self.cfg
         return SupernetConfig(model=c.model, dataset=c.dataset, weights=c.weights, steps=steps,
                               batch_size=self.budget.batch_size, seed=c.seed, val_size=c.val_size,
-                              split_seed=c.split_seed, checkpoint_every=max(1, min(50, steps // 4)))
+                              split_seed=c.split_seed, bn=c.bn, checkpoint_every=max(1, min(50, steps // 4)))
 
     # --- phases ---------------------------------------------------------------------------
     def supernet_phase(self) -> None:

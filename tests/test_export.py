@@ -24,9 +24,9 @@ def images(fmnist) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def net_and_images(images):
-    sn = random_resnet20_supernet(head_std=2.0)
+    sn = random_resnet20_supernet(head_std=2.0)  # the layer3.0 head pools 7x7 in ceil mode
     arch = MultiStageArch.from_dict({"stages": [{"width": 0.25, "exit": "layer1.2", "reuse": True},
-                                                {"width": 0.5, "exit": "layer2.1", "reuse": [True, False, True]},
+                                                {"width": 0.5, "exit": "layer3.0", "reuse": [True, False, True]},
                                                 {"width": 1.0, "exit": "output", "reuse": True}],
                                      "exit_rule": "max_softmax"})
     with torch.no_grad():

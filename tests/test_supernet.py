@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from s2d.models import get_model
 from s2d.transform.arch import MultiStageArch, channels, static_arch
+from s2d.transform.sliced import ExitHead
 from s2d.transform.stages import head_key
 from s2d.transform.supernet import SuperNet
 
@@ -371,6 +372,43 @@ def test_recalibrate_bn_matches_masked_activation_statistics():
     assert (stats[0] - seen["layer1.0.bn1"][0][0]).abs().max() > 1e-3
 
 
+
+def test_arch_statistics_are_estimated_once_per_arch_and_invalidated_by_training():
+    sn = supernet("resnet20", (1, 28, 28), seed=6)
+    a = make_arch((0.25, "layer1.2", True), (1.0, "output", True))
+    b = make_arch((0.5, "layer2.2", False), (1.0, "output", True))
+    g = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(6, 1, 28, 28, generator=g), torch.zeros(6, dtype=torch.long)) for _ in range(3)]
+    x = torch.randn(4, 1, 28, 28, generator=g)
+
+    ref = copy.deepcopy(sn)  # by hand: recalibrate for the arch, then an eval-mode forward
+    ref.recalibrate_bn(a, iter(batches), num_batches=3)
+    with torch.no_grad():
+        expected_a = ref.eval().forward_stages(x, a)
+
+    calls = []
+    sn.use_arch_statistics(lambda: calls.append(1) or iter(batches), num_batches=3)
+    sn.eval()
+    with torch.no_grad():
+        assert_stages_close(sn.forward_stages(x, a), expected_a)
+        sn.forward_stages(x, a)  # the buffers already hold a's statistics
+        assert len(calls) == 1
+        sn.forward_stages(x, b)
+        assert len(calls) == 2
+        assert_stages_close(sn.forward_stages(x, a), expected_a)
+        assert len(calls) == 3
+        sn.train()
+        sn.forward_stages(x, b)  # a training forward moves the running statistics
+        sn.eval()
+        assert_stages_close(sn.forward_stages(x, a), expected_a)
+        assert len(calls) == 4
+        sn.materialise(a)  # materialising needs the arch's statistics too: still a's
+        assert len(calls) == 4
+        sn.load_state_dict(sn.state_dict())
+        sn.materialise(a)
+        assert len(calls) == 5
+
+
 # ---------------------------------------------------------------- training through the stages
 
 def test_gradients_reach_shared_weights():
@@ -403,3 +441,19 @@ def test_gradients_reach_shared_weights():
     assert g[4:8, 4:8].abs().sum() > 0 and g[4:8, :4].abs().sum() == 0
     assert g[8:, :8].abs().sum() > 0  # stage 3 reuses everything
     assert g[8:, 8:].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- exit heads
+
+@pytest.mark.parametrize("spatial, cells", [((28, 28), 16), ((14, 14), 16), ((7, 7), 16), ((8, 4), 16),
+                                            ((3, 9), 9), ((2, 2), 4), ((1, 1), 1)])
+def test_exit_head_pools_to_a_small_grid(spatial, cells):
+    head = ExitHead(8, 10, spatial)
+    assert head.fc.in_features == 8 * cells
+    x = torch.randn(2, 8, *spatial)
+    pooled = head.pool(x)
+    assert pooled[0, 0].numel() == cells
+    if spatial == (7, 7):  # windows of 2, the last one holds the 7th row/column alone
+        torch.testing.assert_close(pooled[:, :, 0, 0], x[:, :, :2, :2].mean((2, 3)))
+        torch.testing.assert_close(pooled[:, :, 3, 3], x[:, :, 6, 6])
+    assert head(x).shape == (2, 10)

@@ -8,6 +8,8 @@ deployment, export and FLOP counting.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,13 +99,36 @@ class SlicedBatchNorm2d(nn.Module):
         return bn.eval()
 
 
-class ExitHead(nn.Module):
-    """CondNAS-style exit classifier: global average pooling, then a linear layer."""
+HEAD_GRID = 4  # exit heads pool a feature map to (at most) HEAD_GRID x HEAD_GRID cells
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+
+def head_pool(spatial: tuple[int, int], grid: int = HEAD_GRID) -> nn.Module:
+    """Average pooling of a feature map to at most ``grid`` x ``grid`` cells.
+
+    A fixed-kernel ``AvgPool2d`` (ceil mode, so 7x7 gives 4x4) rather than adaptive
+    pooling: ONNX exports it for any map size, and it keeps where things are, which a
+    global average throws away (a global-pool probe of ResNet-20's first section scores
+    ~30 % on Fashion-MNIST).
+    """
+    kh, kw = (max(1, math.ceil(s / grid)) for s in spatial)
+    if kh == kw == 1:
+        return nn.Identity()
+    return nn.AvgPool2d((kh, kw), (kh, kw), ceil_mode=True, count_include_pad=False)
+
+
+def pooled_cells(spatial: tuple[int, int], grid: int = HEAD_GRID) -> int:
+    """Spatial cells after ``head_pool``: the linear layer sees channels x cells features."""
+    kh, kw = (max(1, math.ceil(s / grid)) for s in spatial)
+    return math.ceil(spatial[0] / kh) * math.ceil(spatial[1] / kw)
+
+
+class ExitHead(nn.Module):
+    """CondNAS-style exit classifier: pooling to a small grid, then one linear layer."""
+
+    def __init__(self, channels: int, num_classes: int, spatial: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.pool = head_pool(spatial)
+        self.fc = nn.Linear(channels * pooled_cells(spatial), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))

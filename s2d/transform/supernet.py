@@ -14,7 +14,7 @@ batches (cumulative average, as in slimmable networks) before it is materialised
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -39,10 +39,40 @@ class SuperNet(nn.Module):
             for w in self.widths:
                 if e.name == OUTPUT_EXIT and w == 1.0:
                     continue  # the static classifier (the tail) serves here
-                heads[head_key(e.name, w)] = ExitHead(channels(w, e.channels), num_classes)
+                heads[head_key(e.name, w)] = ExitHead(channels(w, e.channels), num_classes, e.spatial)
         self.heads = nn.ModuleDict(heads)
         self._plans: OrderedDict[str, StagePlan] = OrderedDict()
         self._plan_cache_size = plan_cache_size
+        self.bn_source: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._bn_arch: str | None = None  # the arch whose statistics the BN buffers hold
+
+    def use_arch_statistics(self, source: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None,
+                            num_batches: int = 8) -> None:
+        """Give every arch its own batch-norm statistics, estimated from ``source()`` batches.
+
+        For a supernet trained with batch statistics (each arch normalises its own
+        activations), the shared running buffers belong to no arch. With a source set, an
+        eval-mode forward or ``materialise`` of an arch first re-estimates them for that arch
+        (once; a training step or a state-dict load invalidates them). ``None`` keeps the
+        buffers as they are (frozen static statistics).
+        """
+        self.bn_source, self._bn_batches, self._bn_arch = source, num_batches, None
+
+    def ensure_statistics(self, arch: MultiStageArch) -> None:
+        """Make the BN buffers hold ``arch``'s statistics (a no-op without a source)."""
+        if self.bn_source is None or self._bn_arch == arch.key():
+            return
+        self.recalibrate_bn(arch, self.bn_source(), num_batches=self._bn_batches)
+        self._bn_arch = arch.key()
+
+    def train(self, mode: bool = True) -> SuperNet:
+        if mode:
+            self._bn_arch = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._bn_arch = None
+        return super().load_state_dict(state_dict, strict, assign)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -69,6 +99,8 @@ class SuperNet(nn.Module):
 
     def forward_stages(self, x: torch.Tensor, arch: MultiStageArch, upto: int | None = None) -> list[torch.Tensor]:
         """Every stage's logits (the first ``upto`` stages'), each computed from the previous one's cache."""
+        if not self.training:
+            self.ensure_statistics(arch)
         outs, cache = [], ()
         for stage in self.plan(arch).stages[:upto]:
             res = stage(x, *cache)
@@ -84,6 +116,7 @@ class SuperNet(nn.Module):
     def recalibrate_bn(self, arch: MultiStageArch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                        num_batches: int = 20) -> None:
         """Re-estimate batch-norm statistics for ``arch`` (every channel is computed once per batch)."""
+        self._bn_arch = None
         bns = [m for m in self.static.modules() if isinstance(m, nn.BatchNorm2d)]
         saved = [m.momentum for m in bns]
         for m in bns:
@@ -106,6 +139,7 @@ class SuperNet(nn.Module):
         """A standalone ``DynamicNet`` with the arch's weights copied out (thresholds required)."""
         if len(arch.thresholds) != arch.num_stages - 1:
             arch = arch.with_thresholds([1.01] * (arch.num_stages - 1))
+        self.ensure_statistics(arch)
         plan = self.plan(arch)
         stages = [materialise(s, fold_bn=fold_bn) for s in plan.stages]
         return DynamicNet(arch, stages, plan.cache_in, plan.cache_out).eval()
@@ -115,7 +149,9 @@ DYNAMIC_FORMAT = "s2d-dynamic-v1"
 
 
 def dynamic_checkpoint(supernet: SuperNet, arch: MultiStageArch, meta: dict) -> dict:
-    """What rebuilds a ``DynamicNet``: the model's identity, the arch and the supernet weights."""
+    """What rebuilds a ``DynamicNet``: the model's identity, the arch and the supernet weights
+    (with the arch's batch-norm statistics in the buffers)."""
+    supernet.ensure_statistics(arch)
     return {"format": DYNAMIC_FORMAT, **meta, "arch": arch.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in supernet.state_dict().items()}}
 
