@@ -54,6 +54,7 @@ def _mean_stage_accuracy(supernet, arch, data, device: str, images: int) -> tupl
     from s2d.evaluation import stage_logits
 
     val = data.val.subset(images)
+    supernet.eval()  # running (per-arch) statistics, not the batch's
     logits = stage_logits(lambda x: supernet.forward_stages(x, arch), val, data.info, device=device)
     acc = (logits.argmax(-1) == val.labels[None]).float().mean(1)
     return acc.mean().item(), acc[-1].item()

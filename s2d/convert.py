@@ -43,7 +43,7 @@ class Budget:
     compare_random: bool  # also run random search at the same number of evaluations
     test_limit: int | None = None  # test images in the report (None: all)
     report_val_images: int | None = None  # validation images for the report's calibration (None: all)
-    head_images: int = 5000  # training images whose static features initialise the exit heads
+    head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
 
 
@@ -119,11 +119,17 @@ class Pipeline:
         info, cfg = self.data.info, self.cfg
         sn = SuperNet(copy.deepcopy(self.static).cpu(), (info.in_channels, info.image_size, info.image_size),
                       info.num_classes).to(cfg.device)
+        self._arch_statistics(sn)
+        return sn
+
+    def _arch_statistics(self, sn: SuperNet) -> None:
+        info, cfg = self.data.info, self.cfg
         if cfg.bn == "batch":
             bn_images = self.data.train.subset(self.budget.bn_images)
             sn.use_arch_statistics(lambda: Batches(bn_images, info, 250, device=cfg.device),
                                    num_batches=-(-len(bn_images) // 250))
-        return sn
+        else:
+            sn.use_arch_statistics(None)
 
     def _done(self, phase: str, **result: Any) -> None:
         self.state[phase] = result
@@ -153,6 +159,7 @@ class Pipeline:
     def load_supernet(self) -> None:
         path = self.run.checkpoints / "supernet.pt"
         checkpoint.load_into(self.supernet, checkpoint.load(path)["state_dict"], str(path))
+        self._arch_statistics(self.supernet)  # a heads-only fine-tune may have switched them off
 
     def evaluator(self, val_images: int | None) -> ArchEvaluator:
         val = self.data.val.subset(val_images)
@@ -178,13 +185,40 @@ class Pipeline:
         return summaries
 
     def finetune_phase(self) -> None:
-        """Fine-tune the chosen arch alone, from the supernet's weights."""
+        """Fine-tune the chosen arch alone.
+
+        An arch whose stages are all full width computes the static network plus exit heads,
+        so it keeps the static weights untouched (the supernet's shared weights lose
+        accuracy to the narrow archs) and only its heads are fitted. Any other arch is
+        fine-tuned from the supernet's weights, distilled from the static model.
+        """
         self.load_supernet()
         arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
-        train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch],
-                    self.train_config(self.budget.finetune_steps), self.run, ckpt_name="finetune.pt",
-                    tag="finetune", device=self.cfg.device, progress=self.progress)
+        if all(s.width == 1.0 for s in arch.stages):
+            self._fit_heads_on_static(arch)
+        else:
+            train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch],
+                        self.train_config(self.budget.finetune_steps), self.run, ckpt_name="finetune.pt",
+                        tag="finetune", device=self.cfg.device, progress=self.progress)
         self._done("finetune", checkpoint="checkpoints/finetune.pt")
+
+    def _fit_heads_on_static(self, arch: MultiStageArch) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from s2d.finetune import fit_heads, probe
+
+        path = self.run.checkpoints / "finetune.pt"
+        if path.exists():
+            return
+        restore_static(self.supernet, self.static)
+        losses = fit_heads(self.supernet, arch, self.data.train.subset(self.budget.head_images), self.data.info,
+                           seed=self.cfg.seed, device=self.cfg.device)
+        with SummaryWriter(str(self.run.tensorboard / "finetune")) as writer:
+            for s, loss in enumerate(losses):
+                writer.add_scalar(f"finetune/arch_stage{s + 1}_loss", loss, 0)
+            for k, v in probe(self.supernet, [arch], self.data, device=self.cfg.device).items():
+                writer.add_scalar(f"finetune/val_{k.replace('arch0', 'arch')}", v, 0)
+        checkpoint.save_atomic({"state_dict": self.supernet.state_dict(), "static_backbone": True}, path)
 
     def report_phase(self) -> dict[str, Any]:
         from s2d.report import build_report
@@ -212,8 +246,19 @@ def baselines(space: SearchSpace) -> dict[str, MultiStageArch]:
 def final_state(pipeline: Pipeline) -> torch.nn.Module:
     """The fine-tuned supernet (loaded from its checkpoint)."""
     path = pipeline.run.checkpoints / "finetune.pt"
-    checkpoint.load_into(pipeline.supernet, checkpoint.load(path)["state_dict"], str(path))
+    state = checkpoint.load(path)
+    checkpoint.load_into(pipeline.supernet, state["state_dict"], str(path))
+    if state.get("static_backbone"):  # the static network's own batch-norm statistics are the right ones
+        pipeline.supernet.use_arch_statistics(None)
     return pipeline.supernet
+
+
+def restore_static(supernet: SuperNet, static: torch.nn.Module) -> None:
+    """Put the static model's weights and batch-norm statistics back into the supernet's backbone,
+    and keep them (no per-arch statistics): full-width archs then compute the static network exactly."""
+    own = supernet.static.state_dict()
+    supernet.static.load_state_dict({k: v for k, v in static.state_dict().items() if k in own})
+    supernet.use_arch_statistics(None)
 
 
 def save_dynamic(pipeline: Pipeline, arch: MultiStageArch) -> Path:

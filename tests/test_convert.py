@@ -208,3 +208,61 @@ def test_interrupted_convert_resumes(tmp_path, tiny_run):
     assert archive.read_text().startswith(kept)
     assert (run / "checkpoints" / "supernet.pt").read_bytes() == supernet
     assert json.loads((run / "report.json").read_text())["search"]["ppo"]["evaluations"] == 4
+
+
+def test_dynamic_checkpoint_rebuilds_the_reported_network(converted, fmnist):
+    """dynamic.pt holds the chosen arch's own batch-norm statistics: rebuilt from it alone, the
+    network scores exactly what the report measured, with the same exit rates."""
+    import torch
+
+    from s2d.data import Batches
+    from s2d.transform.supernet import SuperNet
+
+    run = converted["dir"]
+    ckpt = checkpoint.load(run / "checkpoints" / "dynamic.pt")
+    sn = SuperNet(get_model("resnet20", 10, 1), (1, 28, 28), 10)
+    checkpoint.load_into(sn, ckpt["state_dict"], "dynamic.pt")
+    net = sn.materialise(MultiStageArch.from_dict(ckpt["arch"]))
+    preds, exits = [], []
+    with torch.no_grad():
+        for x, _ in Batches(fmnist.test.subset(300), fmnist.info, 100):
+            p, e = net(x)
+            preds.append(p.argmax(1))
+            exits.append(e)
+    pred, ex = torch.cat(preds), torch.cat(exits)
+    report = json.loads((run / "report.json").read_text())["dynamic"]
+    assert (pred == fmnist.test.labels[:300]).float().mean().item() == pytest.approx(report["test_accuracy"], abs=1e-9)
+    rates = [(ex == s).float().mean().item() for s in range(len(report["exit_rates"]))]
+    assert rates == pytest.approx(report["exit_rates"], abs=1e-9)
+
+
+def test_restore_static_gives_full_width_archs_the_static_network():
+    """After supernet training has moved the shared weights and batch-norm buffers, a full-width
+    arch fine-tuned 'heads only' must compute the static model again, statistics included."""
+    import copy
+
+    import torch
+
+    from s2d.convert import restore_static
+    from s2d.transform.supernet import SuperNet
+
+    torch.manual_seed(0)
+    static = get_model("resnet20", 10, 1).eval()
+    sn = SuperNet(copy.deepcopy(static), (1, 28, 28), 10)
+    sn.use_arch_statistics(lambda: iter([(torch.randn(8, 1, 28, 28), None)]), num_batches=1)
+    with torch.no_grad():
+        for p in sn.static.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sn.train()
+    narrow = MultiStageArch.from_dict({"stages": [{"width": 0.5, "exit": "layer2.2", "reuse": True},
+                                                  {"width": 1.0, "exit": "output", "reuse": True}]})
+    sn.forward_stages(torch.randn(8, 1, 28, 28), narrow)  # a training step's forward: moves the BN buffers
+    arch = MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "layer1.2", "reuse": True},
+                                                {"width": 1.0, "exit": "output", "reuse": True}]})
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert (sn.eval().forward_stages(x, arch)[-1] - static(x)).abs().max() > 1e-2  # moved
+        restore_static(sn, static)
+        torch.testing.assert_close(sn.eval().forward_stages(x, arch)[-1], static(x), atol=1e-5, rtol=1e-5)
+        logits, _ = sn.materialise(arch.with_thresholds([1.01]))(x)
+        torch.testing.assert_close(logits, static(x), atol=1e-4, rtol=1e-4)
