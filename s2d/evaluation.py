@@ -63,6 +63,29 @@ def measure_speed(forward: Callable[[torch.Tensor], object], x: torch.Tensor, *,
     return Speed(batch_size=len(x), per_batch_ms=med * 1e3, img_per_s=len(x) / med, repeats=len(times))
 
 
+def measure_pair(a: Callable[[torch.Tensor], object], b: Callable[[torch.Tensor], object], x: torch.Tensor, *,
+                 repeats: int = 10, warmup: int = 2) -> tuple[Speed, Speed]:
+    """Timings of ``a`` and ``b`` on ``x``, call for call interleaved.
+
+    A background load then slows both alike, so their ratio stays meaningful on a busy
+    machine, where two separately timed medians can differ by 1.5x for the same network.
+    """
+    for _ in range(warmup):
+        a(x)
+        b(x)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for f, ts in ((a, times[0]), (b, times[1])):
+            t = time.perf_counter()
+            f(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+    meds = [statistics.median(ts) for ts in times]
+    return tuple(Speed(batch_size=len(x), per_batch_ms=m * 1e3, img_per_s=len(x) / m, repeats=repeats)
+                 for m in meds)  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def stage_logits(forward_stages: Callable[[torch.Tensor], list[torch.Tensor]], split: Split, info: DatasetInfo, *,
                  device: str | torch.device = "cpu", batch_size: int = 500) -> torch.Tensor:

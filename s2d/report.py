@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 from s2d.cost import average_macs, stage_macs, static_cost
 from s2d.data import Batches, Dataset
 from s2d.errors import S2DError
-from s2d.evaluation import accuracy, measure_speed, stage_logits
+from s2d.evaluation import accuracy, measure_pair, measure_speed, stage_logits
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.dynamic import DynamicNet
@@ -77,8 +78,13 @@ def format_eval(r: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def measure_dynamic(net: DynamicNet, data: Dataset, costs: list[float], *, device: str = "cpu",
-                    limit: int | None = None, latency_images: int = 200, repeats: int = 20) -> dict[str, Any]:
-    """Test figures of a deployed ``DynamicNet``, with real early exits (not simulated)."""
+                    limit: int | None = None, latency_images: int = 200, repeats: int = 20,
+                    reference: nn.Module | None = None) -> dict[str, Any]:
+    """Test figures of a deployed ``DynamicNet``, with real early exits (not simulated).
+
+    With ``reference`` (the deployed static model) its speed is timed interleaved with the
+    network's on the same images, and the row's speed ratios use those paired timings.
+    """
     net = net.to(device).eval()
     test = data.test.subset(limit)
     preds, exits = [], []
@@ -90,10 +96,20 @@ def measure_dynamic(net: DynamicNet, data: Dataset, costs: list[float], *, devic
     rates = exit_rates(ex, net.arch.num_stages)
     images = Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)
     x256 = next(iter(images))[0]
-    thr = measure_speed(net, x256, repeats=max(3, repeats // 4))
     singles = x256[:latency_images].split(1)
-    net(singles[0])
-    lat = [measure_speed(net, xi, repeats=1, warmup=0).per_batch_ms for xi in singles]
+    paired: dict[str, float] = {}
+    if reference is None:
+        thr = measure_speed(net, x256, repeats=max(3, repeats // 4))
+        net(singles[0])
+        lat = [measure_speed(net, xi, repeats=1, warmup=0).per_batch_ms for xi in singles]
+    else:  # interleaved with the static model on the same images: ratios that survive a busy machine
+        ref_thr, thr = measure_pair(reference, net, x256, repeats=max(5, repeats // 2))
+        net(singles[0])
+        reference(singles[0])
+        pairs = [measure_pair(reference, net, xi, repeats=1, warmup=0) for xi in singles]
+        lat = [b.per_batch_ms for _, b in pairs]
+        paired = {"static_latency_ms_batch1": float(torch.tensor([a.per_batch_ms for a, _ in pairs]).median()),
+                  "static_throughput_img_s_batch256": ref_thr.img_per_s}
     return {
         "arch": net.arch.to_dict(),
         "test_accuracy": (pred == test.labels).float().mean().item(),
@@ -103,6 +119,7 @@ def measure_dynamic(net: DynamicNet, data: Dataset, costs: list[float], *, devic
         "exit_rates": rates,
         "latency_ms_batch1": float(torch.tensor(lat).median()),
         "throughput_img_s_batch256": thr.img_per_s,
+        **paired,
     }
 
 
@@ -237,8 +254,10 @@ def _row(name: str, arch: MultiStageArch, val: Any, test: dict[str, Any], static
                                 "throughput_img_s_batch256")},
         "mac_ratio": test["average_macs"] / static["macs"],
         "accuracy_delta_points": (test["test_accuracy"] - static["test_accuracy"]) * 100,
-        "latency_ratio": test["latency_ms_batch1"] / static["latency_ms_batch1"],
-        "throughput_ratio": test["throughput_img_s_batch256"] / static["throughput_img_s_batch256"],
+        "latency_ratio": test["latency_ms_batch1"] / test.get("static_latency_ms_batch1",
+                                                              static["latency_ms_batch1"]),
+        "throughput_ratio": test["throughput_img_s_batch256"] / test.get("static_throughput_img_s_batch256",
+                                                                         static["throughput_img_s_batch256"]),
     }
 
 
@@ -253,6 +272,7 @@ def build_report(p) -> dict[str, Any]:
 
     data, device, limit = p.data, p.cfg.device, p.budget.test_limit
     static = evaluate_static(p.static, data, device=device, limit=limit)
+    reference = deployable(copy.deepcopy(p.static))
     rows = []
     p.load_supernet()
     ev = p.evaluator(p.budget.report_val_images)
@@ -261,7 +281,7 @@ def build_report(p) -> dict[str, Any]:
         tuned = arch.with_thresholds(e.thresholds)
         rows.append(_row(f"{name} (supernet)", tuned, e,
                          measure_dynamic(p.supernet.materialise(tuned), data, e.stage_macs, device=device,
-                                         limit=limit), static))
+                                         limit=limit, reference=reference), static))
     chosen = MultiStageArch.from_dict(json.loads((p.run.root / "best_arch.json").read_text()))
     chosen = MultiStageArch(chosen.stages, chosen.exit_rule,
                             chosen.thresholds if p.cfg.search_thresholds else ())
@@ -269,14 +289,14 @@ def build_report(p) -> dict[str, Any]:
     before = chosen.with_thresholds(e.thresholds)
     rows.append(_row("searched (supernet)", before, e,
                      measure_dynamic(p.supernet.materialise(before), data, e.stage_macs, device=device,
-                                     limit=limit), static))
+                                     limit=limit, reference=reference), static))
     final_state(p)
     ev = p.evaluator(p.budget.report_val_images)
     e = ev.evaluate(chosen)
     final = chosen.with_thresholds(e.thresholds)
     dyn = _row("searched + fine-tuned", final, e,
-               measure_dynamic(p.supernet.materialise(final), data, e.stage_macs, device=device, limit=limit),
-               static)
+               measure_dynamic(p.supernet.materialise(final), data, e.stage_macs, device=device, limit=limit,
+                               reference=reference), static)
     rows.append(dyn)
     save_dynamic(p, final)
     write_json_atomic(p.run.root / "best_arch.json", final.to_dict())
