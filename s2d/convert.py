@@ -107,6 +107,7 @@ class Pipeline:
         self.static = load_model(cfg.model, self.data.info, cfg.weights).to(cfg.device)
         self.teacher = copy.deepcopy(self.static).eval()
         self.supernet = self.new_supernet()
+        self._full_width: SuperNet | None = None
         self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
                                  search_thresholds=cfg.search_thresholds)
         self.archive = Archive(self.run.root / "archive.jsonl")
@@ -161,14 +162,30 @@ class Pipeline:
         checkpoint.load_into(self.supernet, checkpoint.load(path)["state_dict"], str(path))
         self._arch_statistics(self.supernet)  # a heads-only fine-tune may have switched them off
 
-    def evaluator(self, val_images: int | None) -> ArchEvaluator:
+    def full_width_supernet(self) -> SuperNet:
+        """The static weights and statistics with full-width heads fitted as linear probes: what a
+        full-width arch is (no shared-weight training), for the evaluator and the heads-only fine-tune."""
+        from s2d.finetune import init_heads
+
+        if self._full_width is None:
+            sn = self.new_supernet()
+            sn.use_arch_statistics(None)
+            init_heads(sn, self.data.train.subset(self.budget.head_images), self.data.info, seed=self.cfg.seed,
+                       device=self.cfg.device, widths=(1.0,))
+            self._full_width = sn
+        return self._full_width
+
+    def evaluator(self, val_images: int | None, *, full_width: bool = True) -> ArchEvaluator:
+        """Scores archs on validation images; ``full_width=False`` scores every arch with ``self.supernet``
+        as it is (the fine-tuned network in the report)."""
         val = self.data.val.subset(val_images)
         static_val = accuracy(self.static, val, self.data.info, device=self.cfg.device)
         return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_val,
                              static_macs=static_cost(self.static, self.data.info).total_macs,
                              objective=Objective(self.cfg.objective, self.cfg.tolerance / 100),
                              archive=self.archive if val_images == self.budget.search_val_images else None,
-                             device=self.cfg.device)
+                             device=self.cfg.device,
+                             full_width=self.full_width_supernet() if full_width else None)
 
     def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
         self.load_supernet()
@@ -211,7 +228,7 @@ class Pipeline:
         if path.exists():
             return
         restore_static(self.supernet, self.static)
-        losses = fit_heads(self.supernet, arch, self.data.train.subset(self.budget.head_images), self.data.info,
+        losses = fit_heads(self.supernet, arch, self.data.train, self.data.info,  # every training image
                            seed=self.cfg.seed, device=self.cfg.device)
         with SummaryWriter(str(self.run.tensorboard / "finetune")) as writer:
             for s, loss in enumerate(losses):

@@ -83,7 +83,8 @@ def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: Data
 
 @torch.no_grad()
 def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: int = 10, lr: float = 1e-2,
-               batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu") -> int:
+               batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
+               widths: tuple[float, ...] | None = None) -> int:
     """Start every exit head as a linear probe of the static model's features at its exit.
 
     One pass of the static trunk gives every exit's features; a head of width w reads the
@@ -103,7 +104,7 @@ def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: i
     fitted = 0
     for e, chunks in zip(graph.exits, pooled, strict=True):
         feats = torch.cat(chunks)
-        for w in supernet.widths:
+        for w in widths or supernet.widths:
             key = head_key(e.name, w)
             if key in supernet.heads:
                 with torch.enable_grad():

@@ -280,7 +280,7 @@ def build_report(p) -> dict[str, Any]:
         e = ev.evaluate(arch)
         tuned = arch.with_thresholds(e.thresholds)
         rows.append(_row(f"{name} (supernet)", tuned, e,
-                         measure_dynamic(p.supernet.materialise(tuned), data, e.stage_macs, device=device,
+                         measure_dynamic(ev.network_for(tuned).materialise(tuned), data, e.stage_macs, device=device,
                                          limit=limit, reference=reference), static))
     chosen = MultiStageArch.from_dict(json.loads((p.run.root / "best_arch.json").read_text()))
     chosen = MultiStageArch(chosen.stages, chosen.exit_rule,
@@ -288,10 +288,10 @@ def build_report(p) -> dict[str, Any]:
     e = ev.evaluate(chosen)
     before = chosen.with_thresholds(e.thresholds)
     rows.append(_row("searched (supernet)", before, e,
-                     measure_dynamic(p.supernet.materialise(before), data, e.stage_macs, device=device,
+                     measure_dynamic(ev.network_for(before).materialise(before), data, e.stage_macs, device=device,
                                      limit=limit, reference=reference), static))
     final_state(p)
-    ev = p.evaluator(p.budget.report_val_images)
+    ev = p.evaluator(p.budget.report_val_images, full_width=False)
     e = ev.evaluate(chosen)
     final = chosen.with_thresholds(e.thresholds)
     dyn = _row("searched + fine-tuned", final, e,
@@ -344,9 +344,12 @@ def report_markdown(r: dict[str, Any]) -> str:
                          f"{sm.get('evaluations_to_best')} | {'-' if ratio is None else f'{ratio:.3f}'} | "
                          f"{sm.get('evaluations_to_that_ratio') or '-'} |")
         lines.append("")
-    lines += ["Rows marked (supernet) use the shared supernet weights; the chosen network is fine-tuned on its "
-              "own afterwards. Speed ratios are wall-clock on this machine (median of repeats); batch-1 latency "
-              "is the median over single test images with real early exits.", ""]
+    lines += ["Rows marked (supernet) use the shared supernet weights, except archs whose stages are all full "
+              "width (static, depth_only): those are the static network plus exit heads, scored with the static "
+              "weights and linear-probe heads. The chosen network is fine-tuned on its own afterwards (a full-width "
+              "one: its heads, on every training image). Speed ratios are wall-clock on this machine, each timed "
+              "interleaved with the static model (medians); batch-1 latency is the median over single test images "
+              "with real early exits.", ""]
     return "\n".join(lines)
 
 

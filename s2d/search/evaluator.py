@@ -102,8 +102,9 @@ class ArchEvaluator:
 
     def __init__(self, supernet: SuperNet, val: Split, info, *, static_accuracy: float, static_macs: float,
                  objective: Objective | None = None, archive: Archive | None = None, device: str = "cpu",
-                 batch_size: int = 1000) -> None:
+                 batch_size: int = 1000, full_width: SuperNet | None = None) -> None:
         self.supernet, self.val, self.info = supernet, val, info
+        self.full_width = full_width
         self.static_accuracy, self.static_macs = static_accuracy, static_macs
         self.objective = objective or Objective()
         self.archive = archive
@@ -127,11 +128,24 @@ class ArchEvaluator:
             self._stage_cost.update(zip(keys, macs, strict=True))
         return [self._stage_cost[k] for k in keys]
 
+    def network_for(self, arch: MultiStageArch) -> SuperNet:
+        """The supernet that scores ``arch``.
+
+        An arch whose stages are all full width is the static network plus exit heads: it
+        needs no shared-weight training, so with ``full_width`` (the static weights and
+        linear-probe heads) it is scored as it will be deployed, not with the shared
+        weights, which narrow archs pull away from the static ones.
+        """
+        if self.full_width is not None and all(s.width == 1.0 for s in arch.stages):
+            return self.full_width
+        return self.supernet
+
     @torch.no_grad()
     def stage_outputs(self, arch: MultiStageArch) -> tuple[torch.Tensor, torch.Tensor]:
         """(confidences, correct), both (S, N), on the validation images."""
-        self.supernet.eval()
-        logits = stage_logits(lambda x: self.supernet.forward_stages(x, arch), self.val, self.info,
+        net = self.network_for(arch)
+        net.eval()
+        logits = stage_logits(lambda x: net.forward_stages(x, arch), self.val, self.info,
                               device=self.device, batch_size=self.batch_size)
         conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
         return conf, logits.argmax(-1) == self.val.labels[None]
