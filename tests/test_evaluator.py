@@ -337,3 +337,21 @@ def test_pareto_front_by_hand():
     assert [r["k"] for r in pareto_front(recs)] == ["f", "g", "a", "d"]
     assert pareto_front([]) == []
     assert [r["k"] for r in pareto_front(recs[:1])] == ["a"]
+
+
+def test_full_width_archs_are_scored_on_the_full_width_network(setup):
+    """With ``full_width``, an arch whose stages are all width 1 (the static network plus heads) is
+    scored on that network; any narrower arch still on the shared supernet."""
+    _, other = random_supernet(seed=3)
+    ev = ArchEvaluator(setup["supernet"], setup["val"], setup["info"], static_accuracy=0.5,
+                       static_macs=setup["static_macs"], full_width=other)
+    depth = MultiStageArch((Stage(1.0, "layer1.2", True), Stage(1.0, "layer2.2", True), Stage(1.0, "output", True)))
+    assert ev.network_for(depth) is other and ev.network_for(HAND_ARCH) is setup["supernet"]
+    conf, correct = ev.stage_outputs(depth)
+    ref_conf, ref_correct = reference_stage_outputs({**setup, "supernet": other}, depth)
+    np.testing.assert_allclose(conf.numpy(), ref_conf, atol=1e-5)
+    assert (correct.numpy() == ref_correct).all()
+    shared_conf, _ = reference_stage_outputs(setup, depth)
+    assert np.abs(shared_conf - ref_conf).max() > 1e-2  # the two networks really differ
+    conf, _ = ev.stage_outputs(HAND_ARCH)
+    np.testing.assert_allclose(conf.numpy(), reference_stage_outputs(setup, HAND_ARCH)[0], atol=1e-5)
