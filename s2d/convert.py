@@ -45,11 +45,13 @@ class Budget:
     report_val_images: int | None = None  # validation images for the report's calibration (None: all)
     head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
+    final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
 
 
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
-                   compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500),
+                   compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
+                   final_head_images=500),
     "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000),
     # sized for ~1.5 h of ResNet-20 on one CPU thread (an evaluation is ~1 s per 1000 images)
@@ -228,7 +230,7 @@ class Pipeline:
         if path.exists():
             return
         restore_static(self.supernet, self.static)
-        losses = fit_heads(self.supernet, arch, self.data.train, self.data.info,  # every training image
+        losses = fit_heads(self.supernet, arch, self.data.train.subset(self.budget.final_head_images), self.data.info,
                            seed=self.cfg.seed, device=self.cfg.device)
         with SummaryWriter(str(self.run.tensorboard / "finetune")) as writer:
             for s, loss in enumerate(losses):

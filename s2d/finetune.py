@@ -36,6 +36,7 @@ def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split,
                          device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Pooled features (what the linear layer reads) at the exit of every non-final stage: [(N, c_s)]."""
     heads = [supernet.heads[head_key(s.exit, s.width)] for s in arch.stages[:-1]]
+    supernet.ensure_statistics(arch)  # before the hooks: estimating them runs forwards of its own
     feats: list[list[torch.Tensor]] = [[] for _ in heads]
     hooks = [h.pool.register_forward_hook(lambda m, i, o, j=j: feats[j].append(o.flatten(1).cpu()))
              for j, h in enumerate(heads)]

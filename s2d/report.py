@@ -298,12 +298,13 @@ def build_report(p) -> dict[str, Any]:
                measure_dynamic(p.supernet.materialise(final), data, e.stage_macs, device=device, limit=limit,
                                reference=reference), static)
     rows.append(dyn)
+    points = operating_points(p.supernet, chosen, data, ev, static, device=device, limit=limit)
     save_dynamic(p, final)
     write_json_atomic(p.run.root / "best_arch.json", final.to_dict())
     report = {
         "model": p.cfg.model, "dataset": p.cfg.dataset, "budget": p.cfg.budget, "algo": p.cfg.algo,
         "tolerance_points": p.cfg.tolerance, "static": {k: v for k, v in static.items() if k != "macs_by_operator"},
-        "static_val_accuracy": ev.static_accuracy, "dynamic": dyn, "rows": rows,
+        "static_val_accuracy": ev.static_accuracy, "dynamic": dyn, "rows": rows, "operating_points": points,
         "search": p.state.get("search", {}).get("summaries", {}),
         "threads": torch.get_num_threads(),
     }
@@ -312,6 +313,38 @@ def build_report(p) -> dict[str, Any]:
     plot_pareto(p.archive.records(), report, p.run.root / "pareto.png")
     p._done("report", report="report.md")
     return report
+
+
+TOLERANCES = (0.1, 0.2, 0.5, 1.0)  # accuracy points
+
+
+@torch.no_grad()
+def operating_points(supernet: SuperNet, arch: MultiStageArch, data: Dataset, ev: Any, static: dict[str, Any], *,
+                     device: str = "cpu", limit: int | None = None) -> list[dict[str, Any]]:
+    """The chosen network at other accuracy tolerances: thresholds re-calibrated on validation
+    data for each, then applied to the test split. Exits are simulated from every stage's test
+    logits (the same decisions ``DynamicNet`` takes); no timing."""
+    from s2d.search.evaluator import float32_thresholds
+    from s2d.transform.exit_rule import exit_stages
+
+    conf, correct = ev.stage_outputs(arch)
+    costs = ev.stage_costs(arch)
+    test = data.test.subset(limit)
+    supernet.eval()
+    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), test, data.info, device=device)
+    t_conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
+    t_correct = logits.argmax(-1) == test.labels[None]
+    out = []
+    for tol in TOLERANCES:
+        thresholds = float32_thresholds(calibrate(conf, correct, costs, ev.static_accuracy - tol / 100)[0])
+        ex = exit_stages(t_conf, thresholds)
+        rates = exit_rates(ex, arch.num_stages)
+        acc = t_correct.gather(0, ex[None])[0].double().mean().item()
+        avg = average_macs(costs, rates)
+        out.append({"tolerance_points": tol, "thresholds": thresholds, "test_accuracy": acc,
+                    "accuracy_delta_points": (acc - static["test_accuracy"]) * 100, "average_macs": avg,
+                    "mac_ratio": avg / static["macs"], "exit_rates": rates})
+    return out
 
 
 def report_markdown(r: dict[str, Any]) -> str:
@@ -333,6 +366,16 @@ def report_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {row['name']} | {row['test_accuracy'] * 100:.2f} | {row['accuracy_delta_points']:+.2f} | "
                      f"{row['average_macs'] / 1e6:.2f} | {row['mac_ratio']:.3f} | {rates} | "
                      f"{row['latency_ratio']:.2f} | {row['throughput_ratio']:.2f} |")
+    if r.get("operating_points"):
+        lines += ["", "Operating points of the chosen network (thresholds re-calibrated on validation data for each "
+                  "tolerance, exits applied to the test split):", "",
+                  "| tolerance (points) | test acc (%) | Δ points | MAC ratio | MACs fewer | exit rates |",
+                  "|---|---|---|---|---|---|"]
+        for o in r["operating_points"]:
+            rates = " / ".join(f"{x * 100:.0f}" for x in o["exit_rates"])
+            lines.append(f"| {o['tolerance_points']} | {o['test_accuracy'] * 100:.2f} | "
+                         f"{o['accuracy_delta_points']:+.2f} | {o['mac_ratio']:.3f} | {1 / o['mac_ratio']:.2f}x | "
+                         f"{rates} |")
     d = r["dynamic"]
     lines += ["", "## Chosen network", "", "```json", json.dumps(d["arch"], indent=2), "```", ""]
     if r["search"]:

@@ -102,6 +102,14 @@ def test_convert_end_to_end(converted):
     assert set(report["search"]) == {"ppo", "random"}
     assert all(s["evaluations"] == 4 for s in report["search"].values())
 
+    points = report["operating_points"]
+    assert [o["tolerance_points"] for o in points] == [0.1, 0.2, 0.5, 1.0]
+    assert all(sum(o["exit_rates"]) == pytest.approx(1.0) for o in points)
+    at_default = points[2]  # the convert's own tolerance: the reported network's thresholds
+    assert at_default["thresholds"] == report["dynamic"]["arch"]["thresholds"]
+    assert at_default["test_accuracy"] == pytest.approx(report["dynamic"]["test_accuracy"], abs=1.5 / 300)
+    assert at_default["exit_rates"] == pytest.approx(report["dynamic"]["exit_rates"], abs=1.5 / 300)
+
     md = (run / "report.md").read_text()
     assert md.startswith("# s2d conversion: resnet20 on fashion-mnist (budget tiny, search ppo)")
     assert all(f"| {n} |" in md for n in names) and "| ppo | 4 |" in md and "| random | 4 |" in md

@@ -457,3 +457,17 @@ def test_exit_head_pools_to_a_small_grid(spatial, cells):
         torch.testing.assert_close(pooled[:, :, 0, 0], x[:, :, :2, :2].mean((2, 3)))
         torch.testing.assert_close(pooled[:, :, 3, 3], x[:, :, 6, 6])
     assert head(x).shape == (2, 10)
+
+
+def test_fit_heads_sees_each_training_image_once_with_per_arch_statistics(fmnist):
+    """Estimating an arch's statistics runs forwards of its own; they must not leak into the
+    pooled features the heads are fitted on."""
+    from s2d.data import Batches
+    from s2d.finetune import pooled_exit_features
+
+    sn = supernet("resnet20", (1, 28, 28), seed=9)
+    bn_images = fmnist.train.subset(64)
+    sn.use_arch_statistics(lambda: Batches(bn_images, fmnist.info, 32), num_batches=2)
+    arch = make_arch((0.5, "layer1.2", True), (1.0, "output", True))
+    feats = pooled_exit_features(sn, arch, fmnist.train.subset(100), fmnist.info)
+    assert [f.shape for f in feats] == [(100, 8 * 16)]
