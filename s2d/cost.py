@@ -32,8 +32,11 @@ def count_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
     with warnings.catch_warnings():  # fvcore uses torch.jit, which torch flags as deprecated
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import elementwise_flop_counter
 
         analysis = FlopCountAnalysis(module, inputs)
+        # exit heads pool with a fixed kernel: counted like fvcore's adaptive pooling (one per input element)
+        analysis.set_op_handle("aten::avg_pool2d", elementwise_flop_counter(1, 0))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         analysis.total()  # run the trace now, in eval mode
     module.train(was_training)
