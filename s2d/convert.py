@@ -213,7 +213,7 @@ class Pipeline:
         """
         self.load_supernet()
         arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
-        if all(s.width == 1.0 for s in arch.stages):
+        if arch.is_full_width:
             self._fit_heads_on_static(arch)
         else:
             train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch],

@@ -6,11 +6,16 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from s2d.data import Batches, DatasetInfo, Split
+
+if TYPE_CHECKING:
+    from s2d.transform.arch import MultiStageArch
+    from s2d.transform.supernet import SuperNet
 
 
 @torch.no_grad()
@@ -93,3 +98,16 @@ def stage_logits(forward_stages: Callable[[torch.Tensor], list[torch.Tensor]], s
     outs = [torch.stack([o.float().cpu() for o in forward_stages(x)])
             for x, _ in Batches(split, info, batch_size, device=device)]
     return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def stage_confidence(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *,
+                     device: str | torch.device = "cpu", batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every stage's exit-rule confidence and correctness on ``split``: both (S, N), in eval mode."""
+    from s2d.transform.exit_rule import confidence
+
+    supernet.eval()
+    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), split, info, device=device,
+                          batch_size=batch_size)
+    conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
+    return conf, logits.argmax(-1) == split.labels[None]

@@ -14,11 +14,11 @@ from torch import nn
 from s2d.cost import average_macs, stage_macs, static_cost
 from s2d.data import Batches, Dataset
 from s2d.errors import S2DError
-from s2d.evaluation import accuracy, measure_pair, measure_speed, stage_logits
+from s2d.evaluation import accuracy, measure_pair, measure_speed, stage_confidence
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.dynamic import DynamicNet
-from s2d.transform.exit_rule import calibrate, confidence, exit_rates
+from s2d.transform.exit_rule import calibrate, exit_rates
 from s2d.transform.supernet import SuperNet
 
 
@@ -130,7 +130,7 @@ def prepare_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, *, dev
 
     if arch.num_stages == 1:
         return
-    if recalibrate and any(s.width < 1 for s in arch.stages):  # full-width archs compute the static network
+    if recalibrate and not arch.is_full_width:  # full-width archs compute the static network
         train = Batches(data.train, data.info, 256, shuffle=True, seed=1, device=device)
         supernet.recalibrate_bn(arch, train, num_batches=20)
     fit_heads(supernet, arch, data.train.subset(head_images), data.info, device=device)
@@ -139,10 +139,7 @@ def prepare_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, *, dev
 def calibrate_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, costs: list[float], *,
                    min_accuracy: float, device: str = "cpu") -> tuple[MultiStageArch, dict[str, Any]]:
     """Thresholds from the validation split (never the test split), and the validation figures."""
-    supernet.eval()
-    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), data.val, data.info, device=device)
-    conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
-    correct = logits.argmax(-1) == data.val.labels[None]
+    conf, correct = stage_confidence(supernet, arch, data.val, data.info, device=device)
     from s2d.search.evaluator import float32_thresholds
     from s2d.transform.exit_rule import exit_stages
 
@@ -206,11 +203,7 @@ def threshold_sweep(supernet: SuperNet, arch: MultiStageArch, data: Dataset, cos
     """
     from s2d.transform.exit_rule import exit_stages
 
-    test = data.test.subset(limit)
-    supernet.eval()
-    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), test, data.info, device=device)
-    conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
-    correct = logits.argmax(-1) == test.labels[None]
+    conf, correct = stage_confidence(supernet, arch, data.test.subset(limit), data.info, device=device)
     rows = []
     for t in SWEEP:
         ex = exit_stages(conf, [t] * (arch.num_stages - 1))
@@ -329,11 +322,7 @@ def operating_points(supernet: SuperNet, arch: MultiStageArch, data: Dataset, ev
 
     conf, correct = ev.stage_outputs(arch)
     costs = ev.stage_costs(arch)
-    test = data.test.subset(limit)
-    supernet.eval()
-    logits = stage_logits(lambda x: supernet.forward_stages(x, arch), test, data.info, device=device)
-    t_conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
-    t_correct = logits.argmax(-1) == test.labels[None]
+    t_conf, t_correct = stage_confidence(supernet, arch, data.test.subset(limit), data.info, device=device)
     out = []
     for tol in TOLERANCES:
         thresholds = float32_thresholds(calibrate(conf, correct, costs, ev.static_accuracy - tol / 100)[0])

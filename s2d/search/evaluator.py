@@ -18,10 +18,10 @@ import torch
 
 from s2d.cost import average_macs, stage_macs
 from s2d.data import Split
-from s2d.evaluation import stage_logits
+from s2d.evaluation import stage_confidence
 from s2d.search.archive import Archive
 from s2d.transform.arch import MultiStageArch
-from s2d.transform.exit_rule import calibrate, confidence, exit_rates, exit_stages
+from s2d.transform.exit_rule import calibrate, exit_rates, exit_stages
 from s2d.transform.supernet import SuperNet
 
 OBJECTIVES = ("tolerance", "mnas")
@@ -136,19 +136,15 @@ class ArchEvaluator:
         linear-probe heads) it is scored as it will be deployed, not with the shared
         weights, which narrow archs pull away from the static ones.
         """
-        if self.full_width is not None and all(s.width == 1.0 for s in arch.stages):
+        if self.full_width is not None and arch.is_full_width:
             return self.full_width
         return self.supernet
 
     @torch.no_grad()
     def stage_outputs(self, arch: MultiStageArch) -> tuple[torch.Tensor, torch.Tensor]:
         """(confidences, correct), both (S, N), on the validation images."""
-        net = self.network_for(arch)
-        net.eval()
-        logits = stage_logits(lambda x: net.forward_stages(x, arch), self.val, self.info,
-                              device=self.device, batch_size=self.batch_size)
-        conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
-        return conf, logits.argmax(-1) == self.val.labels[None]
+        return stage_confidence(self.network_for(arch), arch, self.val, self.info, device=self.device,
+                                batch_size=self.batch_size)
 
     def score(self, arch: MultiStageArch, conf: torch.Tensor, correct: torch.Tensor,
               costs: list[float]) -> Evaluation:

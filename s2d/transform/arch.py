@@ -55,6 +55,11 @@ class MultiStageArch:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def is_full_width(self) -> bool:
+        """Every stage at width 1: the static network plus exit heads (SDN-style), no weight block dropped."""
+        return all(s.width == 1.0 for s in self.stages)
+
     def key(self) -> str:
         """Identity of the network (stages only): thresholds do not change the stage outputs."""
         return json.dumps([s.to_dict() for s in self.stages], sort_keys=True)
