@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from s2d.space import Decision, SearchSpace
+from s2d.search.space import Decision, SearchSpace
 
 KINDS = ("stages", "width", "exit", "reuse", "threshold")
 

@@ -85,9 +85,11 @@ def _cache_dir() -> Path:
 
 
 def _fashion_mnist_candidates(data_dir: str | None) -> list[Path]:
-    paths = []
+    """Where to look: an explicit ``--data-dir`` only (a path the user typed is used or rejected,
+    never replaced); otherwise ``$S2D_DATA``, then the Debian package."""
     if data_dir:
-        paths.append(Path(data_dir))
+        return [Path(data_dir)]
+    paths = []
     if os.environ.get("S2D_DATA"):
         paths.append(Path(os.environ["S2D_DATA"]))
     paths.append(DEBIAN_FASHION_MNIST)
@@ -107,6 +109,12 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> tuple[Split, Sp
 
     tried = _fashion_mnist_candidates(data_dir)
     source = next((d for p in tried if (d := _find_idx_dir(p)) is not None), None)
+    if source is None and data_dir and not download:
+        raise DatasetNotFoundError(
+            f"--data-dir {data_dir} does not hold fashion-mnist (looked for {', '.join(FASHION_MNIST_FILES)}"
+            "[.gz] there and in FashionMNIST/raw); fix the path, or leave --data-dir out to use $S2D_DATA "
+            "or the Debian package"
+        )
     if source is None:
         if download:
             root = Path(data_dir) if data_dir else _cache_dir()
@@ -252,18 +260,29 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     )
 
 
+VAL_FRACTION = 0.1  # default validation split: 10 % of the training images ...
+VAL_CAP = 5000  # ... at most this many
+MIN_TRAIN = 1000  # fewer training images than this left after the split is refused
+
+
+def default_val_size(train_images: int) -> int:
+    """10 % of the training images, at most 5000: a fixed 5000 would take 83 % of a 6000-image dataset."""
+    return max(1, min(VAL_CAP, round(VAL_FRACTION * train_images)))
+
+
 def load_dataset(
     name: str = "fashion-mnist",
     *,
     data_dir: str | None = None,
     download: bool = False,
-    val_size: int = 5000,
+    val_size: int | None = None,
     split_seed: int = 0,
     image_size: int = 32,
 ) -> Dataset:
     """Load a dataset by name with a deterministic train/val split.
 
-    ``image_size`` only applies to ``imagefolder:`` data, which is resized on load.
+    ``val_size`` None takes :func:`default_val_size`. ``image_size`` only applies to
+    ``imagefolder:`` data, which is resized on load.
     """
     if name == "fashion-mnist":
         train, test = _load_fashion_mnist(data_dir, download)
@@ -280,9 +299,13 @@ def load_dataset(
         info = DatasetInfo(name, len(classes), 3, image_size, mean, std, hflip=True, crop_padding=image_size // 8)
     else:
         raise UnknownNameError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}")
-    if not 0 < val_size < len(train):
+    if val_size is None:
+        val_size = default_val_size(len(train))
+    left = len(train) - val_size
+    if val_size < 1 or left < min(MIN_TRAIN, len(train) // 2):
         raise DatasetNotFoundError(
-            f"--val-size {val_size} must be between 1 and {len(train) - 1} for {name}"
+            f"--val-size {val_size} leaves {max(left, 0)} of {name}'s {len(train)} training images to train on; "
+            f"pass a smaller --val-size (default: {default_val_size(len(train))})"
         )
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values

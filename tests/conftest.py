@@ -14,7 +14,7 @@ import torch
 
 from s2d.data import Dataset, load_dataset
 from s2d.models import get_model
-from s2d.train import TrainConfig, train_static
+from s2d.training.static import TrainConfig, train_static
 from s2d.transform.supernet import SuperNet
 
 THREADS = int(os.environ.get("S2D_TEST_THREADS", "1"))

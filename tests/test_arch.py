@@ -82,8 +82,8 @@ def _error(a: MultiStageArch, graph) -> str:
     ([(0.25, "layer4.0", True), (1.0, "output", True)], None, ["stage 1", "exit", "'layer4.0'", "layer3.1"]),
     # width off the grid
     ([(0.3, "layer1.2", True), (1.0, "output", True)], None, ["stage 1", "width", "0.3", "grid"]),
-    # last stage not full width
-    ([(0.25, "layer1.2", True), (0.5, "output", True)], None, ["stage 2", "last", "width", "0.5"]),
+    # a narrower last stage
+    ([(0.5, "layer1.2", True), (0.25, "output", True)], None, ["stage 2", "width", "0.25", "0.5"]),
     # last stage not at the output
     ([(0.25, "layer1.2", True), (1.0, "layer3.1", True)], None, ["stage 2", "last", "'output'", "'layer3.1'"]),
     # wrong reuse list length
@@ -103,8 +103,21 @@ def test_too_many_stages_and_unknown_rule(graph):
     five = [(0.125, "relu", True), (0.25, "layer1.0", True), (0.5, "layer1.1", True), (0.75, "layer2.0", True),
             (1.0, "output", True)]
     assert "5" in _error(arch(*five), graph)
-    msg = _error(arch((0.25, "layer1.2", True), (1.0, "output", True), exit_rule="confidence"), graph)
+    with pytest.raises(ArchError) as e:  # refused on load, before any model is built
+        arch((0.25, "layer1.2", True), (1.0, "output", True), exit_rule="confidence")
+    msg = str(e.value)
     assert "exit_rule" in msg and "'confidence'" in msg and "max_softmax" in msg
+
+
+@pytest.mark.parametrize("rule", ["max_softmax", "entropy", "margin"])
+@pytest.mark.parametrize("bad", [1.7, -0.1, float("nan")])
+def test_thresholds_outside_the_rules_range_are_refused(rule, bad):
+    with pytest.raises(ArchError) as e:
+        arch((0.25, "layer1.2", True), (1.0, "output", True), exit_rule=rule, thresholds=[bad])
+    msg = str(e.value)
+    assert rule in msg and "[0, 1]" in msg and "\n" not in msg
+    for ok in (0.0, 0.5, 1.0, 1.01):  # 1.01: calibration's "never exit"
+        arch((0.25, "layer1.2", True), (1.0, "output", True), exit_rule=rule, thresholds=[ok])
 
 
 @pytest.mark.parametrize("d, needles", [
@@ -131,3 +144,12 @@ def test_load_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ArchError, match="not valid JSON"):
         MultiStageArch.load(bad)
+
+
+def test_the_space_contains_static_pruning(graph):
+    """A last stage below width 1 is valid: one stage at width w is a uniformly pruned network, and
+    exits may sit on top of it."""
+    pruned = arch((0.5, "output", True)).validate(graph)
+    assert pruned.final_width == 0.5 and not pruned.is_full_width
+    arch((0.25, "layer2.2", True), (0.625, "output", True)).validate(graph)
+    arch((0.5, "layer2.2", True), (0.5, "output", True)).validate(graph)  # same width, later exit

@@ -12,7 +12,7 @@ import s2d.checkpoint
 from s2d import checkpoint
 from s2d.errors import CheckpointError, RunDirError, S2DError
 from s2d.models import get_model
-from s2d.train import train_static
+from s2d.training.static import train_static
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:

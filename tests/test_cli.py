@@ -71,19 +71,31 @@ def test_missing_dataset(tmp_path):
                           "cifar10 not found", str(tmp_path))
 
 
-def test_missing_fashion_mnist(tmp_path):
-    """No Debian package either: the one-line message names every path tried and the fix."""
+def _eval_without_data(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import pathlib, sys
         import s2d.data
         s2d.data.DEBIAN_FASHION_MNIST = pathlib.Path({str(tmp_path / 'debian')!r})
         from s2d.cli import main
-        sys.exit(main(["eval", "--data-dir", {str(tmp_path / 'flag')!r}, "--threads", "1"]))
+        sys.exit(main(["eval", *{list(flags)!r}, "--threads", "1"]))
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "S2D_DATA": str(tmp_path / "env"), "S2D_CACHE": str(tmp_path / "c")}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert_one_line_error(r, str(tmp_path / "flag"), str(tmp_path / "env"), str(tmp_path / "debian"),
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+
+
+def test_missing_fashion_mnist(tmp_path):
+    """No Debian package either: the one-line message names every path tried and the fix."""
+    r = _eval_without_data(tmp_path)
+    assert_one_line_error(r, str(tmp_path / "env"), str(tmp_path / "debian"),
                           "apt-get install -y dataset-fashion-mnist")
+
+
+def test_explicit_data_dir_is_refused_not_replaced(tmp_path):
+    """--data-dir that does not hold the data: one line naming that folder, no fallback."""
+    r = _eval_without_data(tmp_path, "--data-dir", str(tmp_path / "nonexistent"))
+    line = assert_one_line_error(r, str(tmp_path / "nonexistent"), "train-images-idx3-ubyte")
+    assert str(tmp_path / "env") not in line
 
 
 def test_corrupt_weights(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2d.cost import count_macs
+from s2d.measure.cost import count_macs
 from s2d.models import get_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,8 +88,8 @@ def test_export_static_arch(tmp_path, tiny_run, fmnist):
     assert meta["stages"][0]["file"] == "stage1.pt" and (out / "stage1.pt").is_file()
     # the exported stage is the trained static model
     from s2d.data import Batches
-    from s2d.export import ExportedDynamicNet
-    from s2d.zoo import load_model
+    from s2d.models.zoo import load_model
+    from s2d.transform.export import ExportedDynamicNet
 
     x = next(iter(Batches(fmnist.test.subset(32), fmnist.info, 32)))[0]
     model = load_model("resnet20", fmnist.info, str(tiny_run["model_pt"]))
@@ -135,3 +135,25 @@ def test_eval_bad_arch(tmp_path):
     r = s2d("eval", "--model", "resnet20", "--weights", "none", "--arch", str(arch), "--limit", "8",
             "--repeats", "1", "--val-size", "500")
     one_line_error(r, "stage 1", "exit", "'layer9.9'")
+
+
+def test_eval_threshold_outside_the_rule_range_is_refused(tmp_path):
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps({"stages": [{"width": 0.5, "exit": "layer1.2"}, {"width": 1.0, "exit": "output"}],
+                                "exit_rule": "max_softmax", "thresholds": [1.7]}))
+    r = s2d("eval", "--model", "resnet20", "--weights", "none", "--arch", str(arch), "--limit", "8",
+            "--repeats", "1", "--val-size", "500")
+    one_line_error(r, "max_softmax", "1.7", "[0, 1]")
+
+
+def test_eval_of_the_static_arch_is_a_speed_tie(tmp_path, tiny_run):
+    """The one-stage full-width arch is the static network: its paired speed ratios are ~1, where
+    two separately timed loops used to report a 1.86x throughput 'gain' for the same network."""
+    arch = write_arch(tmp_path / "arch.json", [{"width": 1.0, "exit": "output"}])
+    r = s2d("eval", "--weights", str(tiny_run["model_pt"]), "--arch", str(arch), "--limit", "256",
+            "--repeats", "20", "--val-size", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)["dynamic"]
+    assert d["exit_rates"] == [1.0] and d["mac_ratio"] == pytest.approx(1.0, rel=1e-6)
+    assert 0.85 <= d["throughput_ratio"] <= 1.15, d["throughput_ratio"]
+    assert 0.85 <= d["latency_ratio"] <= 1.15, d["latency_ratio"]

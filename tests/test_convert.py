@@ -172,8 +172,10 @@ def test_a_run_dir_holding_a_different_run_is_refused(converted):
 @pytest.mark.parametrize(("flags", "prefix", "needles"), [
     (["--budget", "nope"], "s2d convert: error: ", ["--budget", "nope"]),
     (["--algo", "evolution"], "s2d convert: error: ", ["--algo"]),
-    (["--tolerance", "-1"], "s2d: error: ", ["--tolerance", "-1"]),
-    (["--max-stages", "7"], "s2d: error: ", ["--max-stages", "7"]),
+    (["--tolerance", "-1"], "s2d convert: error: ", ["--tolerance", "-1", "[0, 100]"]),
+    (["--tolerance", "nan"], "s2d convert: error: ", ["--tolerance", "nan"]),
+    (["--max-stages", "7"], "s2d convert: error: ", ["--max-stages", "7"]),
+    (["--importance", "random"], "s2d convert: error: ", ["--importance", "random"]),
     (["--device", "tpu"], "s2d: error: ", ["--device"]),
 ])
 def test_bad_flags(tmp_path, flags, prefix, needles):
@@ -218,6 +220,67 @@ def test_interrupted_convert_resumes(tmp_path, tiny_run):
     assert json.loads((run / "report.json").read_text())["search"]["ppo"]["evaluations"] == 4
 
 
+def _state(run: Path) -> dict:
+    try:
+        return json.loads((run / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _archive_lines(run: Path) -> list[str]:
+    path = run / "archive.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# phase -> (when to SIGKILL, judged on the run directory while the process runs)
+KILL_POINTS = {
+    "supernet": lambda run: (run / "checkpoints" / "supernet.pt").exists() and "supernet" not in _state(run),
+    "search": lambda run: len(_archive_lines(run)) >= 2 and "search" not in _state(run),
+    "finetune": lambda run: "search" in _state(run) and "finetune" not in _state(run),
+    "report": lambda run: "finetune" in _state(run) and "report" not in _state(run),
+}
+
+
+def _kill_and_resume(phase: str, tmp_path: Path, weights: Path) -> None:
+    """SIGKILL ``s2d convert`` inside ``phase``, run the same command again: it finishes, keeps every
+    archive line written before the kill, evaluates no arch twice, and writes the report."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "s2d", *convert_args(weights, run)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed_at = time.time() + 600, None
+    while time.time() < deadline and proc.poll() is None:
+        if KILL_POINTS[phase](run):
+            proc.kill()
+            killed_at = dict(_state(run))
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_at is not None, f"the run ended before reaching {phase}"
+    assert proc.returncode == -9
+    kept = _archive_lines(run)
+    r, _ = s2d(*convert_args(weights, run))
+    assert r.returncode == 0, r.stderr
+    lines = _archive_lines(run)
+    assert lines[: len(kept)] == kept or (kept and lines[: len(kept) - 1] == kept[:-1])  # a torn last line may go
+    keys = [json.loads(line)["key"] for line in lines if line.startswith("{") and line.endswith("}")]
+    assert len(keys) == len(set(keys)), "an arch was evaluated twice"
+    assert set(_state(run)) == {"supernet", "search", "finetune", "report"}
+    report = json.loads((run / "report.json").read_text())
+    assert report["search"]["ppo"]["evaluations"] == 4 and (run / "report.md").exists()
+
+
+def test_killed_search_resumes(tmp_path, tiny_run):
+    """The small version that CI runs: SIGKILL during the search."""
+    _kill_and_resume("search", tmp_path, tiny_run["model_pt"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["supernet", "finetune", "report"])
+def test_killed_phase_resumes(phase, tmp_path, tiny_run):
+    _kill_and_resume(phase, tmp_path, tiny_run["model_pt"])
+
+
 def test_dynamic_checkpoint_rebuilds_the_reported_network(converted, fmnist):
     """dynamic.pt holds the chosen arch's own batch-norm statistics: rebuilt from it alone, the
     network scores exactly what the report measured, with the same exit rates."""
@@ -239,8 +302,8 @@ def test_dynamic_checkpoint_rebuilds_the_reported_network(converted, fmnist):
             exits.append(e)
     pred, ex = torch.cat(preds), torch.cat(exits)
     report = json.loads((run / "report.json").read_text())["dynamic"]
-    assert (pred == fmnist.test.labels[:300]).float().mean().item() == pytest.approx(report["test_accuracy"], abs=1e-9)
-    rates = [(ex == s).float().mean().item() for s in range(len(report["exit_rates"]))]
+    assert (pred == fmnist.test.labels[:300]).double().mean().item() == pytest.approx(report["test_accuracy"], abs=1e-9)
+    rates = [(ex == s).double().mean().item() for s in range(len(report["exit_rates"]))]
     assert rates == pytest.approx(report["exit_rates"], abs=1e-9)
 
 
@@ -251,7 +314,6 @@ def test_restore_static_gives_full_width_archs_the_static_network():
 
     import torch
 
-    from s2d.convert import restore_static
     from s2d.transform.supernet import SuperNet
 
     torch.manual_seed(0)
@@ -270,7 +332,7 @@ def test_restore_static_gives_full_width_archs_the_static_network():
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         assert (sn.eval().forward_stages(x, arch)[-1] - static(x)).abs().max() > 1e-2  # moved
-        restore_static(sn, static)
+        sn.restore_static(static)
         torch.testing.assert_close(sn.eval().forward_stages(x, arch)[-1], static(x), atol=1e-5, rtol=1e-5)
         logits, _ = sn.materialise(arch.with_thresholds([1.01]))(x)
         torch.testing.assert_close(logits, static(x), atol=1e-4, rtol=1e-4)

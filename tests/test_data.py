@@ -87,7 +87,21 @@ def test_split_is_deterministic_and_seeded(fmnist):
     assert (len(small.train), len(small.val), small.val_size) == (59500, 500, 500)
 
 
-@pytest.mark.parametrize("val_size", [0, 60000])
+def test_default_val_size_scales_with_the_dataset():
+    from s2d.data import default_val_size
+
+    assert default_val_size(60000) == 5000  # capped
+    assert default_val_size(6000) == 600  # 10 %, not 83 % of a small dataset
+    assert default_val_size(5) == 1
+
+
+def test_default_split_of_a_small_dataset_keeps_most_images_for_training(isolated):
+    _write_idx(isolated / "debian", 300, 10, seed=0)
+    d = load_dataset("fashion-mnist")
+    assert (len(d.train), len(d.val), d.val_size) == (270, 30, 30)
+
+
+@pytest.mark.parametrize("val_size", [0, 60000, 59500])
 def test_bad_val_size_is_one_line_error(val_size):
     with pytest.raises(S2DError) as e:
         load_dataset("fashion-mnist", val_size=val_size)
@@ -167,15 +181,27 @@ def isolated(monkeypatch, tmp_path):
 
 def test_missing_fashion_mnist_names_tried_paths_and_fix(isolated, monkeypatch):
     (isolated / "env").mkdir()
-    (isolated / "flag").mkdir()
     monkeypatch.setenv("S2D_DATA", str(isolated / "env"))
     with pytest.raises(DatasetNotFoundError) as e:
-        load_dataset("fashion-mnist", data_dir=str(isolated / "flag"))
+        load_dataset("fashion-mnist")
     msg = str(e.value)
     assert "\n" not in msg
-    for tried in ("flag", "env", "debian"):
+    for tried in ("env", "debian"):
         assert str(isolated / tried) in msg
     assert "apt-get install -y dataset-fashion-mnist" in msg
+
+
+def test_explicit_data_dir_is_used_or_rejected_never_replaced(isolated, monkeypatch):
+    """A --data-dir the user typed that lacks the files is an error, even when $S2D_DATA and the
+    Debian path hold the dataset."""
+    _write_idx(isolated / "debian", 30, 10, seed=0)
+    _write_idx(isolated / "env", 40, 10, seed=1)
+    monkeypatch.setenv("S2D_DATA", str(isolated / "env"))
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("fashion-mnist", data_dir=str(isolated / "nonexistent"), val_size=5)
+    msg = str(e.value)
+    assert "\n" not in msg and str(isolated / "nonexistent") in msg and "train-images-idx3-ubyte" in msg
+    assert str(isolated / "env") not in msg
 
 
 def test_lookup_order_data_dir_then_env_then_debian(isolated, monkeypatch):

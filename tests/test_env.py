@@ -21,7 +21,7 @@ from envs.multistage import MultiStageEnv
 from s2d.errors import ArchError
 from s2d.models import get_model
 from s2d.search.evaluator import Evaluation
-from s2d.space import THRESHOLD_GRID, Decision, SearchSpace
+from s2d.search.space import THRESHOLD_GRID, Decision, SearchSpace
 from s2d.transform.arch import WIDTH_GRID, MultiStageArch, Stage
 from s2d.transform.graph import OUTPUT_EXIT, analyze
 
@@ -120,7 +120,7 @@ def test_masked_random_rollouts_are_valid(request, graph_name, search_thresholds
         arch.validate(graph)
         MultiStageArch.from_dict(info["arch"]).validate(graph)
         n = arch.num_stages
-        assert 2 <= n <= 4
+        assert 1 <= n <= 4
         assert len(actions) == 1 + len(space.decisions(n))
         assert reward == pytest.approx(fake_reward(arch))
         assert info["accuracy"] == pytest.approx(0.5 + 0.1 * n) and info["meets_target"] == (n > 2)
@@ -134,7 +134,7 @@ def test_masked_random_rollouts_are_valid(request, graph_name, search_thresholds
             exits_seen.add(s.exit)
             reuse_seen.update([s.reuse] if isinstance(s.reuse, bool) else s.reuse)
     assert len(fake.archs) == 200
-    assert stage_counts == {2, 3, 4}
+    assert stage_counts == {1, 2, 3, 4}
     assert reuse_seen == {True, False}
     assert widths_seen == set(WIDTH_GRID)
     assert exits_seen == set(graph.exit_names)
@@ -163,25 +163,25 @@ def _enumerate_valid(graph, n: int) -> set[tuple]:
     pairs = list(itertools.product(WIDTH_GRID, graph.exit_names))
     out = set()
     for firsts in itertools.product(pairs, repeat=n - 1):
-        stages = (*(Stage(w, e) for w, e in firsts), Stage(1.0, OUTPUT_EXIT))
-        try:
-            MultiStageArch(stages).validate(graph)
-        except ArchError:
-            continue
-        out.add(tuple((s.width, s.exit) for s in stages))
+        for last_width in WIDTH_GRID:  # the last stage may be narrower than 1 (static pruning)
+            stages = (*(Stage(w, e) for w, e in firsts), Stage(last_width, OUTPUT_EXIT))
+            try:
+                MultiStageArch(stages).validate(graph)
+            except ArchError:
+                continue
+            out.add(tuple((s.width, s.exit) for s in stages))
     return out
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_masks_allow_exactly_the_valid_archs(r20_graph, n):
     """The masks neither admit an invalid arch nor hide a valid one (widths and exits)."""
     space = SearchSpace(r20_graph)
     masked = _enumerate_masked(space, n)
     valid = _enumerate_valid(r20_graph, n)
     assert masked == valid
-    pairs = len(WIDTH_GRID) * len(r20_graph.exit_names)
-    if n == 2:
-        assert len(valid) == pairs - 1  # any first stage but the full network itself
+    if n == 1:
+        assert len(valid) == len(WIDTH_GRID)  # one stage: a uniformly pruned network at each width
 
 
 def test_masks_never_dead_end_near_the_end(r20_graph):
@@ -202,14 +202,24 @@ def test_invalid_action_is_mapped_to_a_valid_one(r20_graph):
     env, fake = make_env(r20_graph)
     inner: MultiStageEnv = env.unwrapped
     env.reset(seed=0)
-    assert inner.action_masks().tolist()[:5] == [False, False, True, True, True]
-    env.step(0)  # 0 stages: the nearest valid choice is 2
+    assert inner.action_masks().tolist()[:5] == [False, True, True, True, True]
+    env.step(0)  # 0 stages: the nearest valid choice is 1 (a pruned network)
+    assert inner.num_stages == 1 and inner.decision == Decision("width", 0)
+    env.reset()
+    env.step(2)
     assert inner.num_stages == 2
     assert inner.decision == Decision("width", 0)
     env.step(5)  # width 6/8
     assert inner.chosen[("width", 0)] == 5
     env.step(9)  # exit 'output' at width 6/8: allowed (S2DNAS-style width-only stage)
     assert inner.chosen[("exit", 0)] == 9
+    env.step(2)  # last stage width 3/8 -> narrower than 6/8 at the same exit: nearest valid is 7/8
+    assert inner.chosen[("width", 1)] == 6
+    env.reset()
+    env.step(2)
+    env.step(5)
+    env.step(9)
+    env.step(7)  # last stage at full width
     # reuse flags are 0/1: 7 maps to 1 (nearest), -3 to 0
     env.step(7)
     env.step(-3)
@@ -289,8 +299,8 @@ def test_sample_is_reproducible_and_valid(r20_graph):
     assert s3 != s1
     for arch in s1:
         arch.validate(r20_graph)
-        assert 2 <= arch.num_stages <= 4 and arch.thresholds == ()
-    assert {a.num_stages for a in s1} == {2, 3, 4}
+        assert 1 <= arch.num_stages <= 4 and arch.thresholds == ()
+    assert {a.num_stages for a in s1} == {1, 2, 3, 4}
     assert len({a.key() for a in s1}) > 45  # a big space: repeats are rare
 
 

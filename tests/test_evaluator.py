@@ -2,7 +2,7 @@
 
 The reference path never touches the evaluator's internals: stage logits come from the
 materialised ``DynamicNet`` (batch norm folded, ``forward_all``), exits from a plain loop
-over samples, stage MACs from ``s2d.cost.stage_macs`` on the unfolded materialised stages.
+over samples, stage MACs from ``s2d.measure.cost.stage_macs`` on the unfolded materialised stages.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from s2d.cost import stage_macs, static_cost
 from s2d.data import Batches
+from s2d.measure.calibration import float32_thresholds
+from s2d.measure.cost import stage_macs, static_cost
 from s2d.models import get_model
 from s2d.search.archive import Archive, pareto_front
-from s2d.search.evaluator import ArchEvaluator, Evaluation, Objective, float32_thresholds
-from s2d.space import SearchSpace
+from s2d.search.evaluator import ArchEvaluator, Evaluation, Objective
+from s2d.search.space import SearchSpace
 from s2d.transform.arch import MultiStageArch, Stage, static_arch
 from s2d.transform.exit_rule import NEVER_EXIT
 from s2d.transform.supernet import SuperNet
@@ -219,8 +220,8 @@ def test_calibrated_thresholds_meet_a_reachable_target(setup):
     for arch in calibration_archs(setup["supernet"].graph):
         # the target is exactly the last stage's accuracy: sending everyone there reaches it
         ev = make_evaluator(setup, static_accuracy=0.0)
-        conf_t, correct_t = ev.stage_outputs(arch)
-        conf, correct = conf_t.double().numpy(), correct_t.numpy()
+        out = ev.stage_outputs(arch)
+        conf, correct = out.confidence.double().numpy(), out.correct.numpy()
         last_acc = float(correct[-1].mean())
         ev.static_accuracy = last_acc + 0.005
         e = ev.evaluate(arch)
@@ -347,11 +348,12 @@ def test_full_width_archs_are_scored_on_the_full_width_network(setup):
                        static_macs=setup["static_macs"], full_width=other)
     depth = MultiStageArch((Stage(1.0, "layer1.2", True), Stage(1.0, "layer2.2", True), Stage(1.0, "output", True)))
     assert ev.network_for(depth) is other and ev.network_for(HAND_ARCH) is setup["supernet"]
-    conf, correct = ev.stage_outputs(depth)
+    out = ev.stage_outputs(depth)
+    conf, correct = out.confidence, out.correct
     ref_conf, ref_correct = reference_stage_outputs({**setup, "supernet": other}, depth)
     np.testing.assert_allclose(conf.numpy(), ref_conf, atol=1e-5)
     assert (correct.numpy() == ref_correct).all()
     shared_conf, _ = reference_stage_outputs(setup, depth)
     assert np.abs(shared_conf - ref_conf).max() > 1e-2  # the two networks really differ
-    conf, _ = ev.stage_outputs(HAND_ARCH)
+    conf = ev.stage_outputs(HAND_ARCH).confidence
     np.testing.assert_allclose(conf.numpy(), reference_stage_outputs(setup, HAND_ARCH)[0], atol=1e-5)

@@ -10,9 +10,9 @@ from conftest import random_resnet20_supernet
 
 from s2d.data import Batches
 from s2d.errors import S2DError
-from s2d.export import ExportedDynamicNet, export
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.exit_rule import confidence
+from s2d.transform.export import ExportedDynamicNet, export
 
 SHAPE = (1, 28, 28)
 

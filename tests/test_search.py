@@ -14,14 +14,14 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from s2d import checkpoint
-from s2d.convert import ConvertConfig, Pipeline
-from s2d.cost import static_cost
+from s2d.measure.cost import static_cost
 from s2d.models import get_model
+from s2d.pipeline.convert import ConvertConfig, Pipeline
 from s2d.runs import Run
 from s2d.search.archive import Archive, pareto_front
 from s2d.search.evaluator import ArchEvaluator, Evaluation
 from s2d.search.runner import PPOSettings, SearchSession, run_search, summarise
-from s2d.space import SearchSpace
+from s2d.search.space import SearchSpace
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet
 

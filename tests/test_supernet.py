@@ -463,7 +463,7 @@ def test_fit_heads_sees_each_training_image_once_with_per_arch_statistics(fmnist
     """Estimating an arch's statistics runs forwards of its own; they must not leak into the
     pooled features the heads are fitted on."""
     from s2d.data import Batches
-    from s2d.finetune import pooled_exit_features
+    from s2d.training.heads import pooled_exit_features
 
     sn = supernet("resnet20", (1, 28, 28), seed=9)
     bn_images = fmnist.train.subset(64)

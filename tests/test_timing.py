@@ -1,15 +1,22 @@
-"""Speed measurement: which call is timed as which (no speed targets here; those live in `s2d bench`)."""
+"""Speed measurement: which call is timed as which, and ratios that survive a busy machine.
+
+No speed targets here (those live in `s2d bench`); only what the timing helper promises.
+"""
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 
+import pytest
 import torch
 
-from s2d.evaluation import measure_pair, measure_speed
+from s2d.measure.timing import deployable, measure_speed, paired_speed
+from s2d.models import get_model
 
 
-def test_measure_pair_times_each_callable_as_its_own():
+def test_paired_speed_interleaves_and_alternates_the_order():
     calls: list[str] = []
 
     def slow(x):
@@ -20,11 +27,44 @@ def test_measure_pair_times_each_callable_as_its_own():
         calls.append("fast")
 
     x = torch.zeros(4, 3)
-    a, b = measure_pair(slow, fast, x, repeats=3, warmup=1)
-    assert calls == ["slow", "fast"] * 4  # warm-up, then interleaved call for call
-    assert a.per_batch_ms >= 20 > b.per_batch_ms
-    assert a.repeats == b.repeats == 3 and a.batch_size == 4
-    assert a.img_per_s == 4 / (a.per_batch_ms / 1e3)
+    r = paired_speed(slow, fast, x, repeats=4, warmup=1)
+    assert calls == ["slow", "fast"] * 2 + ["fast", "slow", "slow", "fast", "fast", "slow"]
+    assert r.reference_ms >= 20 > r.candidate_ms and r.ratio < 0.5 and r.speedup > 2
+    assert r.repeats == 4 and r.batch_size == 4
+    assert r.reference.img_per_s == pytest.approx(4 / (r.reference_ms / 1e3))
+
+
+def test_paired_speed_over_a_sequence_times_each_input_once_per_side():
+    seen: list[int] = []
+    inputs = [torch.full((1, 2), float(i)) for i in range(5)]
+    r = paired_speed(lambda x: seen.append(int(x[0, 0])), lambda x: None, inputs, warmup=0)
+    assert seen == [0, 1, 2, 3, 4] and r.repeats == 5 and r.batch_size == 1
+
+
+def test_static_network_against_itself_is_a_tie_on_a_busy_machine():
+    """The same network timed against a copy of itself while another thread loads the CPU:
+    paired medians stay near 1 where two separate loops drift by up to 1.9x."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 1).eval()
+    a, b = deployable(model), deployable(copy.deepcopy(model))
+    x = torch.randn(64, 1, 28, 28)
+    stop = threading.Event()
+
+    def noise() -> None:  # bursts of load, on and off
+        y = torch.randn(256, 256)
+        while not stop.is_set():
+            for _ in range(20):
+                y = (y @ y).tanh()
+            time.sleep(0.003)
+
+    t = threading.Thread(target=noise, daemon=True)
+    t.start()
+    try:
+        r = paired_speed(a, b, x, repeats=15)
+    finally:
+        stop.set()
+        t.join()
+    assert 0.85 <= r.ratio <= 1.15, r
 
 
 def test_measure_speed_repeats_until_min_seconds():

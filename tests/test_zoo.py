@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-import s2d.zoo
+import s2d.pipeline.zoo
 from s2d import checkpoint
-from s2d.cost import static_cost
 from s2d.errors import CheckpointError, S2DError, UnknownNameError
-from s2d.evaluation import accuracy
+from s2d.measure.accuracy import accuracy
+from s2d.measure.cost import static_cost
 from s2d.models import get_model
-from s2d.zoo import ZOO_DIR, add_to_zoo, load_manifest, load_model, resolve_weights
+from s2d.models.zoo import ZOO_DIR, load_manifest, load_model, resolve_weights
+from s2d.pipeline.zoo import add_to_zoo
 
 FIELDS = ("name", "architecture", "dataset", "file", "test_accuracy", "val_accuracy", "macs", "params",
           "sha256", "command")
@@ -23,7 +24,7 @@ RESNET20_MACS = 31_332_416  # fvcore total for ResNet-20 on 1x28x28 (conv 31.02 
 @pytest.fixture
 def tmp_zoo(tmp_path, monkeypatch, quick_data, tiny_run):
     """A zoo in tmp_path holding the tiny run's model; measured on the quick (500-image) splits."""
-    monkeypatch.setattr(s2d.zoo, "load_dataset", lambda name, data_dir=None: quick_data)
+    monkeypatch.setattr(s2d.pipeline.zoo, "load_dataset", lambda name, data_dir=None: quick_data)
     zoo = tmp_path / "zoo"
     entry = add_to_zoo(tiny_run["model_pt"], name=None, command="s2d train-base --tiny", zoo_dir=zoo)
     return zoo, entry

@@ -13,39 +13,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
-from s2d.cost import average_macs, stage_macs
 from s2d.data import Split
-from s2d.evaluation import stage_confidence
+from s2d.measure.accuracy import StageOutputs, stage_outputs
+from s2d.measure.calibration import calibrate_thresholds
+from s2d.measure.cost import average_macs, stage_macs
 from s2d.search.archive import Archive
 from s2d.transform.arch import MultiStageArch
-from s2d.transform.exit_rule import calibrate, exit_rates, exit_stages
 from s2d.transform.supernet import SuperNet
 
 OBJECTIVES = ("tolerance", "mnas")
-
-
-def float32_thresholds(thresholds: list[float]) -> list[float]:
-    """Each threshold raised to the smallest float32 >= it.
-
-    Confidences are float32 and torch compares them with a threshold in float32, while
-    ``calibrate`` picks thresholds (quantiles) in float64. A threshold between two float32
-    values would be rounded, possibly down onto a sample's confidence, and let samples exit
-    that calibration counted as continuing. Rounding up keeps ``c >= t`` identical in both
-    precisions for every float32 confidence ``c``.
-    """
-    out = []
-    for t in thresholds:
-        if t > 1.0:  # "never exit": no confidence reaches it in either precision
-            out.append(float(t))
-            continue
-        t32 = np.float32(t)
-        if float(t32) < t:
-            t32 = np.nextafter(t32, np.float32(np.inf))
-        out.append(float(t32))
-    return out
 
 
 @dataclass
@@ -140,28 +116,25 @@ class ArchEvaluator:
             return self.full_width
         return self.supernet
 
-    @torch.no_grad()
-    def stage_outputs(self, arch: MultiStageArch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(confidences, correct), both (S, N), on the validation images."""
-        return stage_confidence(self.network_for(arch), arch, self.val, self.info, device=self.device,
-                                batch_size=self.batch_size)
+    def stage_outputs(self, arch: MultiStageArch) -> StageOutputs:
+        """Every stage's confidence and correctness on the validation images."""
+        return stage_outputs(self.network_for(arch), arch, self.val, self.info, device=self.device,
+                             batch_size=self.batch_size)
 
-    def score(self, arch: MultiStageArch, conf: torch.Tensor, correct: torch.Tensor,
-              costs: list[float]) -> Evaluation:
+    def score(self, arch: MultiStageArch, outputs: StageOutputs, costs: list[float]) -> Evaluation:
         """The reward of ``arch`` from its stage outputs: the part the tests check by hand."""
         if arch.thresholds or arch.num_stages == 1:
             thresholds = list(arch.thresholds)
         else:
-            thresholds = float32_thresholds(calibrate(conf, correct, costs, self.target_accuracy)[0])
-        ex = exit_stages(conf, thresholds)
-        acc = correct.gather(0, ex[None])[0].double().mean().item()  # float64, as calibrate counts
-        rates = exit_rates(ex, arch.num_stages)
+            thresholds = calibrate_thresholds(outputs, costs, self.target_accuracy)[0]
+        acc = outputs.accuracy(thresholds)
+        rates = outputs.exit_rates(thresholds)
         avg = average_macs(costs, rates)
         ratio = avg / self.static_macs
         reward = self.objective.reward(acc, ratio, self.target_accuracy)
         return Evaluation(arch=arch.with_thresholds(thresholds).to_dict(), reward=reward, accuracy=acc,
                           average_macs=avg, mac_ratio=ratio, exit_rates=rates, thresholds=thresholds,
-                          stage_macs=costs, stage_accuracy=correct.double().mean(1).tolist(),
+                          stage_macs=costs, stage_accuracy=outputs.stage_accuracy(),
                           meets_target=acc >= self.target_accuracy - 1e-12)
 
     def archive_key(self, arch: MultiStageArch) -> str:
@@ -176,8 +149,7 @@ class ArchEvaluator:
             ev.cached = True
             return ev
         t0 = time.perf_counter()
-        conf, correct = self.stage_outputs(arch)
-        ev = self.score(arch, conf, correct, self.stage_costs(arch))
+        ev = self.score(arch, self.stage_outputs(arch), self.stage_costs(arch))
         ev.seconds = time.perf_counter() - t0
         ev.searcher = searcher
         if not math.isfinite(ev.reward):

@@ -23,7 +23,7 @@ from s2d.errors import S2DError
 from s2d.runs import Run
 from s2d.search.archive import pareto_front
 from s2d.search.evaluator import ArchEvaluator, Evaluation
-from s2d.space import SearchSpace
+from s2d.search.space import SearchSpace
 from s2d.transform.arch import MultiStageArch
 
 ALGOS = ("ppo", "random")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from s2d.errors import ArchError, S2DError
-from s2d.transform.exit_rule import EXIT_RULES
+from s2d.transform.exit_rule import check_thresholds
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
 
 WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
@@ -54,6 +54,11 @@ class MultiStageArch:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def final_width(self) -> float:
+        """Width of the last stage: below 1 the arch runs a uniformly pruned network when every stage runs."""
+        return self.stages[-1].width
 
     @property
     def is_full_width(self) -> bool:
@@ -99,7 +104,11 @@ class MultiStageArch:
             isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds
         ):
             raise ArchError("thresholds must be a list of numbers")
-        return cls(tuple(stages), d.get("exit_rule", "max_softmax"), tuple(float(t) for t in thresholds))
+        rule = d.get("exit_rule", "max_softmax")
+        if not isinstance(rule, str):
+            raise ArchError(f"exit_rule must be a name, got {rule!r}")
+        check_thresholds(rule, [float(t) for t in thresholds])
+        return cls(tuple(stages), rule, tuple(float(t) for t in thresholds))
 
     @classmethod
     def load(cls, path: str | Path) -> MultiStageArch:
@@ -116,8 +125,7 @@ class MultiStageArch:
         names = graph.exit_names
         if not 1 <= len(self.stages) <= MAX_STAGES:
             raise ArchError(f"an arch has 1 to {MAX_STAGES} stages, got {len(self.stages)}")
-        if self.exit_rule not in EXIT_RULES:
-            raise ArchError(f"unknown exit_rule {self.exit_rule!r}; valid: {', '.join(EXIT_RULES)}")
+        check_thresholds(self.exit_rule, self.thresholds)
         if self.thresholds and len(self.thresholds) != len(self.stages) - 1:
             raise ArchError(f"thresholds needs one value per stage but the last ({len(self.stages) - 1}), "
                             f"got {len(self.thresholds)}")
@@ -140,9 +148,8 @@ class MultiStageArch:
                                 f"{graph.num_sections} sections")
             prev_w, prev_e = s.width, e
         last = self.stages[-1]
-        if abs(last.width - 1.0) > 1e-9 or last.exit != OUTPUT_EXIT:
-            raise ArchError(f"stage {len(self.stages)} (the last) must have width 1 and exit {OUTPUT_EXIT!r}, "
-                            f"got width {last.width} at {last.exit!r}")
+        if last.exit != OUTPUT_EXIT:  # its width may be below 1: then the whole arch is a pruned network
+            raise ArchError(f"stage {len(self.stages)} (the last) must exit at {OUTPUT_EXIT!r}, got {last.exit!r}")
         return self
 
 

@@ -7,11 +7,11 @@ threshold above 1 sends every sample to the last stage.
 
 from __future__ import annotations
 
-import itertools
 import math
 
-import numpy as np
 import torch
+
+from s2d.errors import ArchError
 
 
 def max_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,21 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
 NEVER_EXIT = 1.01  # above every confidence: the stage never lets a sample exit
 
 EXIT_RULES = {"max_softmax": max_softmax, "entropy": entropy, "margin": margin}
+# Every rule's confidence lies in [0, 1] (entropy as 1 - H / ln C), so thresholds do too; NEVER_EXIT
+# is the one value outside, written by calibration for a stage that should let nobody out.
+THRESHOLD_RANGE = {rule: (0.0, 1.0) for rule in EXIT_RULES}
+
+
+def check_thresholds(rule: str, thresholds: tuple[float, ...] | list[float]) -> None:
+    """One-line error for an unknown rule or a threshold no confidence of the rule can reach (or
+    that every confidence reaches from below 0): such an exit silently never, or always, fires."""
+    if rule not in EXIT_RULES:
+        raise ArchError(f"unknown exit_rule {rule!r}; valid: {', '.join(EXIT_RULES)}")
+    lo, hi = THRESHOLD_RANGE[rule]
+    for i, t in enumerate(thresholds, 1):
+        if not (math.isfinite(t) and lo <= t <= hi) and t != NEVER_EXIT:
+            raise ArchError(f"threshold {i} = {t} is outside exit_rule {rule}'s range [{lo:g}, {hi:g}] "
+                            f"(or {NEVER_EXIT}: never exit); no sample could exit as intended")
 
 
 def confidence(rule: str, logits: torch.Tensor) -> torch.Tensor:
@@ -54,53 +69,5 @@ def exit_stages(confidences: torch.Tensor, thresholds: list[float] | tuple[float
 
 
 def exit_rates(exits: torch.Tensor, num_stages: int) -> list[float]:
-    return (torch.bincount(exits, minlength=num_stages).float() / max(1, len(exits))).tolist()
-
-
-def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], min_accuracy: float,
-              grid: int = 40) -> tuple[list[float], float]:
-    """Thresholds minimising average MACs subject to accuracy >= ``min_accuracy`` on these samples.
-
-    ``confidences`` and ``correct`` are (S, N): every stage's confidence and correctness on
-    a validation set. Candidate thresholds per stage are quantiles of its confidences plus
-    "never exit". Earlier thresholds are enumerated; the last decision is solved for all
-    candidates at once with sorted prefix sums (S <= 4 keeps this well under a second).
-    Returns the thresholds and the expected average MACs; when no setting reaches the
-    accuracy, the most accurate one.
-    """
-    conf = np.asarray(confidences, dtype=np.float64)
-    ok = np.asarray(correct, dtype=np.float64)
-    s, n = conf.shape
-    cum = np.cumsum(np.asarray(stage_macs, dtype=np.float64))  # cost of a sample exiting at stage i
-    if s == 1:
-        return [], float(cum[0])
-    qs = np.linspace(0, 1, grid + 1)[1:-1]
-    cands = [np.unique(np.append(np.quantile(conf[i], qs), NEVER_EXIT)) for i in range(s - 1)]
-    j = s - 2  # the last decision
-    best: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
-    fallback: tuple[float, float, list[float]] | None = None  # (-acc, cost, thresholds)
-    for prefix in itertools.product(*cands[:j]):
-        pending = np.ones(n, dtype=bool)
-        base_ok = base_cost = 0.0
-        for i, t in enumerate(prefix):
-            leave = pending & (conf[i] >= t)
-            base_ok += ok[i][leave].sum()
-            base_cost += cum[i] * leave.sum()
-            pending &= ~leave
-        c = conf[j][pending]
-        order = np.argsort(-c, kind="stable")
-        ok_here = np.concatenate([[0.0], np.cumsum(ok[j][pending][order])])
-        ok_last = np.concatenate([[0.0], np.cumsum(ok[s - 1][pending][order])])
-        m = len(c) - np.searchsorted(np.sort(c), cands[j], side="left")  # how many leave at stage j
-        acc = (base_ok + ok_here[m] + ok_last[-1] - ok_last[m]) / n
-        cost = (base_cost + cum[j] * m + cum[s - 1] * (len(c) - m)) / n
-        for a, co, t in zip(acc, cost, cands[j], strict=True):
-            thresholds = [*map(float, prefix), float(t)]
-            if a >= min_accuracy - 1e-12 and (best is None or (co, -a) < best[:2]):
-                best = (float(co), float(-a), thresholds)
-            if fallback is None or (-a, co) < fallback[:2]:
-                fallback = (float(-a), float(co), thresholds)
-    if best is not None:
-        return best[2], best[0]
-    assert fallback is not None
-    return fallback[2], fallback[1]
+    """Fraction of samples leaving at each stage, in float64 (average MACs are weighed with them)."""
+    return (torch.bincount(exits, minlength=num_stages).double() / max(1, len(exits))).tolist()

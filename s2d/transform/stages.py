@@ -149,7 +149,7 @@ class _Emitter:
         exit_ = self.graph.exit(self.arch.stages[self.geo.index].exit)
         t = self.graph.by_name[exit_.node]
         feats = self.slice(t.name, 0, self.geo.c(t))
-        if not self.geo.last:
+        if not (self.geo.last and self.geo.width == 1.0):  # a narrow last stage has a head of its own
             key = head_key(exit_.name, self.geo.width)
             return self.g.call_module(self._module(f"head_{key}", self.heads[key]), (feats,))
         # The last stage runs the static model's own tail (pooling, flatten, classifier).

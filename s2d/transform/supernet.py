@@ -21,6 +21,7 @@ from torch import nn
 
 from s2d.transform.arch import WIDTH_GRID, MultiStageArch, channels
 from s2d.transform.dynamic import DynamicNet
+from s2d.transform.exit_rule import NEVER_EXIT
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, analyze
 from s2d.transform.sliced import ExitHead
 from s2d.transform.stages import StagePlan, build_stages, head_key, materialise
@@ -135,10 +136,17 @@ class SuperNet(nn.Module):
                 m.momentum = mom
             self.train(was_training)
 
+    def restore_static(self, static: nn.Module) -> None:
+        """Put the static model's weights and batch-norm statistics back into the backbone, and keep them
+        (no per-arch statistics): full-width archs then compute the static network exactly."""
+        own = self.static.state_dict()
+        self.static.load_state_dict({k: v for k, v in static.state_dict().items() if k in own})
+        self.use_arch_statistics(None)
+
     def materialise(self, arch: MultiStageArch, fold_bn: bool = True) -> DynamicNet:
         """A standalone ``DynamicNet`` with the arch's weights copied out (thresholds required)."""
         if len(arch.thresholds) != arch.num_stages - 1:
-            arch = arch.with_thresholds([1.01] * (arch.num_stages - 1))
+            arch = arch.with_thresholds([NEVER_EXIT] * (arch.num_stages - 1))
         self.ensure_statistics(arch)
         plan = self.plan(arch)
         stages = [materialise(s, fold_bn=fold_bn) for s in plan.stages]

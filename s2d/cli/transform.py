@@ -1,19 +1,19 @@
-"""CLI commands of the transform engine: ``s2d exits`` and ``s2d export``."""
+"""Commands of the transform engine: ``s2d exits`` and ``s2d export``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in, load_data
 from s2d.errors import S2DError
 
 
 def cmd_exits(args: argparse.Namespace) -> int:
-    from s2d.cost import exit_macs
     from s2d.data import load_dataset
+    from s2d.measure.cost import exit_macs
+    from s2d.models.zoo import load_model
     from s2d.transform.graph import analyze
-    from s2d.zoo import load_model
 
     info = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download).info
     model = load_model(args.model, info, args.weights)
@@ -34,56 +34,17 @@ def cmd_exits(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_dynamic(args: argparse.Namespace, *, need_arch: bool = True):
-    """(dataset, supernet, arch with thresholds) from a dynamic checkpoint or a static model + arch file."""
-    import torch
-
-    from s2d import checkpoint
-    from s2d.data import load_dataset
-    from s2d.report import calibrate_arch, prepare_arch
-    from s2d.transform.arch import MultiStageArch
-    from s2d.transform.supernet import SuperNet, is_dynamic_checkpoint
-    from s2d.zoo import load_model
-
-    data = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
-                        val_size=args.val_size, split_seed=args.split_seed)
-    info = data.info
-    shape = (info.in_channels, info.image_size, info.image_size)
-    weights = args.weights
-    ckpt = checkpoint.load(weights) if weights and Path(weights).is_file() else None
-    if ckpt is not None and is_dynamic_checkpoint(ckpt):
-        from s2d.models import get_model
-
-        supernet = SuperNet(get_model(ckpt["model"], ckpt["num_classes"], ckpt["in_channels"],
-                                      image_size=ckpt["image_size"]), shape, info.num_classes)
-        checkpoint.load_into(supernet, ckpt["state_dict"], weights)
-        arch = MultiStageArch.from_dict(ckpt["arch"])
-        if args.arch:
-            arch = MultiStageArch.load(args.arch)
-        return data, supernet.eval(), supernet.validate(arch)
-    if not args.arch:
-        raise S2DError("--arch ARCH.json is required unless --weights is a dynamic checkpoint from `s2d convert`")
-    from s2d.cost import stage_macs
-    from s2d.evaluation import accuracy
-
-    supernet = SuperNet(load_model(args.model, info, weights), shape, info.num_classes)
-    arch = supernet.validate(MultiStageArch.load(args.arch))
-    target = accuracy(supernet.static, data.val, info) - args.tolerance / 100  # before BN is recalibrated
-    prepare_arch(supernet, arch, data)
-    if len(arch.thresholds) != arch.num_stages - 1:
-        costs, _ = stage_macs(supernet.materialise(arch, fold_bn=False).stages, shape)
-        arch, _ = calibrate_arch(supernet, arch, data, costs, min_accuracy=target)
-    torch.set_grad_enabled(True)
-    return data, supernet.eval(), arch
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from s2d.data import Batches
-    from s2d.export import ExportedDynamicNet, export
+    from s2d.pipeline.evaluate import dynamic_from_files
+    from s2d.transform.arch import MultiStageArch
+    from s2d.transform.export import ExportedDynamicNet, export
 
-    data, supernet, arch = load_dynamic(args)
+    arch = MultiStageArch.load(args.arch) if args.arch else None
+    data = load_data(args)
+    supernet, arch = dynamic_from_files(data, args.weights, model_name=args.model, arch=arch,
+                                        tolerance=args.tolerance / 100, device=check_device(args.device))
+    supernet.cpu()
     net = supernet.materialise(arch)
     meta = export(net, supernet.input_shape, args.out, args.format)
     # Check: the exported files reproduce DynamicNet on real test images.
@@ -96,11 +57,10 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"max |logit diff| {diff:.2e}, same exit stage for {same_exit * 100:.1f} %")
     if diff > 1e-3 or same_exit < 0.99:
         raise S2DError(f"exported stages disagree with DynamicNet (max diff {diff:.2e}); please report this")
-    del torch
     return 0
 
 
-def add_commands(sub, add_model_args, add_data_args, add_runtime_args) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("exits", help="list a model's exit points with their cumulative static MACs")
     add_model_args(p)
     p.add_argument("--dataset", default="fashion-mnist", help="sets the input shape (and the zoo weights)")
@@ -117,6 +77,6 @@ def add_commands(sub, add_model_args, add_data_args, add_runtime_args) -> None:
     p.add_argument("--arch", help="MultiStageArch JSON (optional with a dynamic checkpoint as --weights)")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="onnx")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tolerance", type=float, default=0.5,
+    p.add_argument("--tolerance", type=float_in(0, 100), default=0.5,
                    help="accuracy points below static allowed when calibrating missing thresholds")
     p.set_defaults(func=cmd_export)

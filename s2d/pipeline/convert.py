@@ -18,19 +18,23 @@ from typing import Any
 import torch
 
 from s2d import checkpoint
-from s2d.cost import static_cost
 from s2d.data import Batches, Dataset, load_dataset
 from s2d.errors import S2DError
-from s2d.evaluation import accuracy
-from s2d.finetune import SupernetConfig, sandwich_sampler, train_archs
+from s2d.measure.accuracy import accuracy
+from s2d.measure.cost import static_cost
+from s2d.measure.network import evaluate_static
+from s2d.models.zoo import load_model
+from s2d.pipeline.report import RowMeter, operating_points, write_report
 from s2d.runs import Run, open_run, write_json_atomic
 from s2d.search.archive import Archive
 from s2d.search.evaluator import ArchEvaluator, Objective
 from s2d.search.runner import ALGOS, run_search
-from s2d.space import SearchSpace
-from s2d.transform.arch import MultiStageArch, static_arch
+from s2d.search.space import SearchSpace
+from s2d.training.heads import fit_heads, init_heads
+from s2d.training.supernet import SupernetConfig, probe, train_archs
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.importance import CRITERIA, order_channels
 from s2d.transform.supernet import SuperNet, dynamic_checkpoint
-from s2d.zoo import load_model
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,9 @@ class ConvertConfig:
     search_thresholds: bool = False
     max_stages: int = 4
     bn: str = "batch"  # batch-norm statistics while training the supernet: "batch" (per arch) or "frozen"
+    importance: str = "l2"  # channel order of the supernet (Torch-Pruning criterion), or "none"
     seed: int = 0
-    val_size: int = 5000
+    val_size: int | None = None  # None: 10 % of the training images, at most 5000 (resolved on load)
     split_seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"
@@ -87,12 +92,14 @@ class ConvertConfig:
             raise S2DError(f"--tolerance is in accuracy points (e.g. 0.5), got {self.tolerance}")
         if self.bn not in ("batch", "frozen"):
             raise S2DError(f"unknown --bn {self.bn!r}; valid: batch, frozen")
+        if self.importance not in (*CRITERIA, "none"):
+            raise S2DError(f"unknown --importance {self.importance!r}; valid: {', '.join(CRITERIA)}, none")
         if not 2 <= self.max_stages <= 4:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
-            "max_stages", "bn", "seed", "val_size", "split_seed")
+            "max_stages", "bn", "importance", "seed", "val_size", "split_seed")
 
 
 class Pipeline:
@@ -105,9 +112,11 @@ class Pipeline:
         self.budget = BUDGETS[cfg.budget]
         self.data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size,
                                          split_seed=cfg.split_seed)
+        cfg.val_size = self.data.val_size  # the resolved default is part of the run's identity
         self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY)
         self.static = load_model(cfg.model, self.data.info, cfg.weights).to(cfg.device)
         self.teacher = copy.deepcopy(self.static).eval()
+        self.ordered = self._importance_ordered()
         self.supernet = self.new_supernet()
         self._full_width: SuperNet | None = None
         self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
@@ -120,10 +129,29 @@ class Pipeline:
         """A supernet of the static model; with ``bn == "batch"`` every arch gets its own BN statistics,
         estimated on fixed, un-augmented training images, so they are reproducible."""
         info, cfg = self.data.info, self.cfg
-        sn = SuperNet(copy.deepcopy(self.static).cpu(), (info.in_channels, info.image_size, info.image_size),
+        sn = SuperNet(copy.deepcopy(self.ordered).cpu(), (info.in_channels, info.image_size, info.image_size),
                       info.num_classes).to(cfg.device)
         self._arch_statistics(sn)
         return sn
+
+    def _importance_ordered(self) -> torch.nn.Module:
+        """A copy of the static model whose coupled channel groups are sorted by importance (same
+        logits), so that a width-w prefix keeps what a static pruner would keep. Deterministic for
+        a given model and criterion, so every supernet of the run shares the order its checkpoints hold."""
+        model = copy.deepcopy(self.static).cpu().eval()
+        if self.cfg.importance == "none":
+            return model.to(self.cfg.device)
+        info = self.data.info
+        batches = None
+        if self.cfg.importance == "taylor":
+            batches = list(Batches(self.data.train.subset(1024), info, 256))
+        order = order_channels(model, (info.in_channels, info.image_size, info.image_size),
+                               criterion=self.cfg.importance, batches=batches)
+        summary = {"criterion": order.criterion, "groups_permuted": order.num_permuted,
+                   "top_quarter_share": order.top_share(0.25),
+                   "skipped": [{"root": s.root, "channels": s.channels, "reason": s.reason} for s in order.skipped]}
+        write_json_atomic(self.run.root / "channel_order.json", summary)
+        return model.to(self.cfg.device)
 
     def _arch_statistics(self, sn: SuperNet) -> None:
         info, cfg = self.data.info, self.cfg
@@ -148,13 +176,11 @@ class Pipeline:
     def supernet_phase(self) -> None:
         """Exit heads as linear probes of the static features, then sandwich-rule fine-tuning
         of the supernet, distilled from the static model."""
-        from s2d.finetune import init_heads
-
         probes = [self.space.width_only(), self.space.depth_only()]
         if not (self.run.checkpoints / "supernet.pt").exists():  # a resumed run has its heads in the checkpoint
             init_heads(self.supernet, self.data.train.subset(self.budget.head_images), self.data.info,
                        device=self.cfg.device)
-        train_archs(self.supernet, self.teacher, self.data, sandwich_sampler(self.space, 2),
+        train_archs(self.supernet, self.teacher, self.data, self.space.sandwich(2),
                     self.train_config(self.budget.supernet_steps), self.run, ckpt_name="supernet.pt",
                     tag="supernet", device=self.cfg.device, progress=self.progress, probe_archs=probes)
         self._done("supernet", checkpoint="checkpoints/supernet.pt")
@@ -167,8 +193,6 @@ class Pipeline:
     def full_width_supernet(self) -> SuperNet:
         """The static weights and statistics with full-width heads fitted as linear probes: what a
         full-width arch is (no shared-weight training), for the evaluator and the heads-only fine-tune."""
-        from s2d.finetune import init_heads
-
         if self._full_width is None:
             sn = self.new_supernet()
             sn.use_arch_statistics(None)
@@ -224,12 +248,11 @@ class Pipeline:
     def _fit_heads_on_static(self, arch: MultiStageArch) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        from s2d.finetune import fit_heads, probe
 
         path = self.run.checkpoints / "finetune.pt"
         if path.exists():
             return
-        restore_static(self.supernet, self.static)
+        self.supernet.restore_static(self.ordered)
         losses = fit_heads(self.supernet, arch, self.data.train.subset(self.budget.final_head_images), self.data.info,
                            seed=self.cfg.seed, device=self.cfg.device)
         with SummaryWriter(str(self.run.tensorboard / "finetune")) as writer:
@@ -239,10 +262,59 @@ class Pipeline:
                 writer.add_scalar(f"finetune/val_{k.replace('arch0', 'arch')}", v, 0)
         checkpoint.save_atomic({"state_dict": self.supernet.state_dict(), "static_backbone": True}, path)
 
-    def report_phase(self) -> dict[str, Any]:
-        from s2d.report import build_report
+    def chosen_arch(self) -> MultiStageArch:
+        """The searched arch (``best_arch.json``); calibrated thresholds are dropped, searched ones kept."""
+        arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
+        return MultiStageArch(arch.stages, arch.exit_rule, arch.thresholds if self.cfg.search_thresholds else ())
 
-        return build_report(self)
+    def load_finetuned(self) -> SuperNet:
+        """The supernet with the chosen arch's fine-tuned weights (``checkpoints/finetune.pt``)."""
+        path = self.run.checkpoints / "finetune.pt"
+        state = checkpoint.load(path)
+        checkpoint.load_into(self.supernet, state["state_dict"], str(path))
+        if state.get("static_backbone"):  # the static network's own batch-norm statistics are the right ones
+            self.supernet.use_arch_statistics(None)
+        return self.supernet
+
+    def save_dynamic(self, arch: MultiStageArch) -> Path:
+        """``checkpoints/dynamic.pt``: what rebuilds the deployed network (``s2d export``)."""
+        info = self.data.info
+        meta = {"model": self.cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
+                "image_size": info.image_size, "dataset": info.name}
+        path = self.run.checkpoints / "dynamic.pt"
+        checkpoint.save_atomic(dynamic_checkpoint(self.supernet, arch, meta), path)
+        return path
+
+    def report_phase(self) -> dict[str, Any]:
+        """Every figure of the report, on the test split: the static model, the baselines and the
+        searched arch on the supernet, and the chosen network after its fine-tune, with its operating
+        points. Thresholds are calibrated on validation data for every row, never on test data."""
+        device = self.cfg.device
+        static = evaluate_static(self.static, self.data, device=device, limit=self.budget.test_limit)
+        meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit)
+        self.load_supernet()
+        ev = self.evaluator(self.budget.report_val_images)
+        rows = [meter.row(f"{name} (supernet)", ev, arch)[0] for name, arch in self.space.baselines().items()]
+        chosen = self.chosen_arch()
+        rows.append(meter.row("searched (supernet)", ev, chosen)[0])
+        self.load_finetuned()
+        ev = self.evaluator(self.budget.report_val_images, full_width=False)
+        test = meter.test_outputs(ev, chosen)
+        dyn, final = meter.row("searched + fine-tuned", ev, chosen, test)
+        rows.append(dyn)
+        points = operating_points(ev.stage_outputs(chosen), test, ev.stage_costs(chosen), ev.static_accuracy, static)
+        self.save_dynamic(final)
+        write_json_atomic(self.run.root / "best_arch.json", final.to_dict())
+        report = {
+            "model": self.cfg.model, "dataset": self.cfg.dataset, "budget": self.cfg.budget, "algo": self.cfg.algo,
+            "tolerance_points": self.cfg.tolerance,
+            "static": {k: v for k, v in static.items() if k != "macs_by_operator"},
+            "static_val_accuracy": ev.static_accuracy, "dynamic": dyn, "rows": rows, "operating_points": points,
+            "search": self.state.get("search", {}).get("summaries", {}), "threads": torch.get_num_threads(),
+        }
+        write_report(self.run.root, report, self.archive.records())
+        self._done("report", report="report.md")
+        return report
 
     def run_all(self) -> dict[str, Any]:
         if "supernet" not in self.state:
@@ -255,35 +327,3 @@ class Pipeline:
         if "report" in self.state and report.exists():  # finished: re-measuring would only add timing noise
             return json.loads(report.read_text())
         return self.report_phase()
-
-
-def baselines(space: SearchSpace) -> dict[str, MultiStageArch]:
-    """Special cases of the space: the static model, SDN-style depth-only, S2DNAS-style width-only."""
-    return {"static": static_arch(), "depth_only": space.depth_only(), "width_only": space.width_only()}
-
-
-def final_state(pipeline: Pipeline) -> torch.nn.Module:
-    """The fine-tuned supernet (loaded from its checkpoint)."""
-    path = pipeline.run.checkpoints / "finetune.pt"
-    state = checkpoint.load(path)
-    checkpoint.load_into(pipeline.supernet, state["state_dict"], str(path))
-    if state.get("static_backbone"):  # the static network's own batch-norm statistics are the right ones
-        pipeline.supernet.use_arch_statistics(None)
-    return pipeline.supernet
-
-
-def restore_static(supernet: SuperNet, static: torch.nn.Module) -> None:
-    """Put the static model's weights and batch-norm statistics back into the supernet's backbone,
-    and keep them (no per-arch statistics): full-width archs then compute the static network exactly."""
-    own = supernet.static.state_dict()
-    supernet.static.load_state_dict({k: v for k, v in static.state_dict().items() if k in own})
-    supernet.use_arch_statistics(None)
-
-
-def save_dynamic(pipeline: Pipeline, arch: MultiStageArch) -> Path:
-    info = pipeline.data.info
-    meta = {"model": pipeline.cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
-            "image_size": info.image_size, "dataset": info.name}
-    path = pipeline.run.checkpoints / "dynamic.pt"
-    checkpoint.save_atomic(dynamic_checkpoint(pipeline.supernet, arch, meta), path)
-    return path

@@ -10,11 +10,12 @@ over valid choices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from s2d.transform.arch import MAX_STAGES, WIDTH_GRID, MultiStageArch, Stage
+from s2d.transform.arch import MAX_STAGES, WIDTH_GRID, MultiStageArch, Stage, static_arch
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
 
 THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
@@ -32,7 +33,7 @@ class SearchSpace:
     graph: ModelGraph
     widths: tuple[float, ...] = WIDTH_GRID
     max_stages: int = MAX_STAGES
-    min_stages: int = 2
+    min_stages: int = 1  # one stage at width w < 1 is a uniformly pruned static network
     search_thresholds: bool = False
     exit_rule: str = "max_softmax"
     exits: list[str] = field(init=False)
@@ -55,8 +56,9 @@ class SearchSpace:
         out = []
         for s in range(num_stages):
             last = s == num_stages - 1
-            if not last:
-                out += [Decision("width", s), Decision("exit", s)]
+            out.append(Decision("width", s))
+            if not last:  # the last stage exits at the output
+                out.append(Decision("exit", s))
             if s > 0:
                 out += [Decision("reuse", s, k) for k in range(self.num_sections)]
             if self.search_thresholds and not last:
@@ -84,7 +86,10 @@ class SearchSpace:
         def feasible(w: int, e: int) -> bool:  # every later stage must still be a strictly larger pair
             return later <= (n_w - 1 - w) + (n_e - 1 - e)
 
-        if decision.kind == "width":
+        if decision.kind == "width" and later == 0:  # the last stage: its exit is the output
+            for w in range(max(prev_w, 0), n_w):
+                mask[w] = lowest_exit(w) <= n_e - 1
+        elif decision.kind == "width":
             for w in range(max(prev_w, 0), n_w):
                 mask[w] = lowest_exit(w) < n_e and feasible(w, lowest_exit(w))
         elif decision.kind == "exit":
@@ -101,7 +106,7 @@ class SearchSpace:
         stages = []
         for s in range(num_stages):
             last = s == num_stages - 1
-            width = 1.0 if last else self.widths[chosen[("width", s)]]
+            width = self.widths[chosen[("width", s)]] if ("width", s) in chosen else 1.0
             exit_ = OUTPUT_EXIT if last else self.exits[chosen[("exit", s)]]
             reuse = tuple(bool(chosen.get(("reuse", s, k), 1)) for k in range(self.num_sections))
             stages.append(Stage(width, exit_, reuse[0] if len(set(reuse)) == 1 else reuse))
@@ -131,6 +136,16 @@ class SearchSpace:
         return MultiStageArch((Stage(width, exit_, True), Stage(1.0, OUTPUT_EXIT, True)),
                               self.exit_rule).validate(self.graph)
 
+    def sandwich(self, random_archs: int = 2) -> Callable[[np.random.Generator], list[MultiStageArch]]:
+        """Sandwich-rule sampler for supernet training: the largest arch (the static network), the
+        smallest, and ``random_archs`` random archs per batch."""
+        largest, smallest = static_arch(), self.smallest()
+
+        def sample(rng: np.random.Generator) -> list[MultiStageArch]:
+            return [largest, smallest, *(self.sample(rng) for _ in range(random_archs))]
+
+        return sample
+
     # Special cases of the space, used as baselines.
     def depth_only(self, num_stages: int = 3) -> MultiStageArch:
         """SDN-style: full width, exits spread over the network (section ends first)."""
@@ -146,3 +161,7 @@ class SearchSpace:
         """S2DNAS-style: narrow-to-full stages that all exit at the output, reusing features."""
         stages = [Stage(w, OUTPUT_EXIT, True) for w in widths]
         return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)
+
+    def baselines(self) -> dict[str, MultiStageArch]:
+        """The static model, SDN-style depth-only and S2DNAS-style width-only archs."""
+        return {"static": static_arch(), "depth_only": self.depth_only(), "width_only": self.width_only()}

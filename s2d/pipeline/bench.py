@@ -18,8 +18,9 @@ import torch
 from scipy.stats import kendalltau
 
 from s2d.errors import S2DError
-from s2d.finetune import fit_heads, train_archs
 from s2d.runs import open_run, write_json_atomic
+from s2d.training.heads import fit_heads
+from s2d.training.supernet import train_archs
 
 TARGETS = {"accuracy_delta_points": -0.2, "mac_ratio": 1 / 3, "throughput_ratio": 2.0}
 ZOO_TARGETS = {("resnet20", "fashion-mnist"): 0.930, ("mobilenetv2", "fashion-mnist"): 0.925}  # test accuracy
@@ -27,7 +28,7 @@ ZOO_TARGETS = {("resnet20", "fashion-mnist"): 0.930, ("mobilenetv2", "fashion-mn
 
 def check_zoo() -> dict[str, Any]:
     """The zoo's recorded test accuracies against the foundation targets."""
-    from s2d.zoo import load_manifest
+    from s2d.models.zoo import load_manifest
 
     have = {(e["name"], e["dataset"]): e for e in load_manifest()}
     return {f"{n} ({d})": {"value": have[n, d]["test_accuracy"] if (n, d) in have else float("nan"),
@@ -51,7 +52,7 @@ def check_targets(run_dir: str | Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def _mean_stage_accuracy(supernet, arch, data, device: str, images: int) -> tuple[float, float]:
-    from s2d.evaluation import stage_logits
+    from s2d.measure.accuracy import stage_logits
 
     val = data.val.subset(images)
     supernet.eval()  # running (per-arch) statistics, not the batch's

@@ -1,11 +1,8 @@
-"""Training a ``SuperNet``: its exit heads alone, all its archs, or one arch.
+"""Training a ``SuperNet``'s shared weights on archs drawn per batch.
 
-* ``fit_heads`` trains only the exit heads an arch uses, on a frozen backbone: a linear
-  probe per exit. Heads pool globally before their linear layer, so the pooled features
-  are computed once and the probes train on them in seconds.
-* ``train_archs`` fine-tunes the shared weights on archs drawn per batch: the sandwich
-  rule (largest, smallest, random) for the supernet, or one fixed arch for the final
-  fine-tune, with distillation from the static model's logits.
+``train_archs`` fine-tunes the shared weights on the archs a sampler draws per batch: the
+sandwich rule (largest, smallest, random) for the supernet, or one fixed arch for the final
+fine-tune, with distillation from the static model's logits.
 """
 
 from __future__ import annotations
@@ -16,106 +13,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from s2d import checkpoint
-from s2d.data import Batches, Dataset, DatasetInfo, Split
+from s2d.data import Batches, Dataset
 from s2d.errors import S2DError
+from s2d.measure.accuracy import stage_logits
 from s2d.runs import Run
-from s2d.space import SearchSpace
-from s2d.transform.arch import MultiStageArch, channels, static_arch
-from s2d.transform.sliced import head_pool
-from s2d.transform.stages import head_key
+from s2d.training.distill import distillation_loss
+from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet
 
-
-@torch.no_grad()
-def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *,
-                         device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """Pooled features (what the linear layer reads) at the exit of every non-final stage: [(N, c_s)]."""
-    heads = [supernet.heads[head_key(s.exit, s.width)] for s in arch.stages[:-1]]
-    supernet.ensure_statistics(arch)  # before the hooks: estimating them runs forwards of its own
-    feats: list[list[torch.Tensor]] = [[] for _ in heads]
-    hooks = [h.pool.register_forward_hook(lambda m, i, o, j=j: feats[j].append(o.flatten(1).cpu()))
-             for j, h in enumerate(heads)]
-    was_training = supernet.training
-    supernet.eval()
-    try:
-        for x, _ in Batches(split, info, 500, device=device):
-            supernet.forward_stages(x, arch, upto=len(heads))
-    finally:
-        for h in hooks:
-            h.remove()
-        supernet.train(was_training)
-    return [torch.cat(f) for f in feats]
-
-
-def _fit_linear(fc: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
-                batch_size: int, generator: torch.Generator) -> float:
-    """Adam with cosine decay on (pooled features, labels); returns the last batch loss."""
-    dev = fc.weight.device
-    opt = torch.optim.Adam(fc.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(feats) + batch_size - 1) // batch_size))
-    loss = torch.tensor(0.0)
-    for _ in range(epochs):
-        order = torch.randperm(len(feats), generator=generator)
-        for i in range(0, len(feats), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(fc(feats[idx].to(dev)), labels[idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return loss.item()
-
-
-def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *, epochs: int = 15,
-              lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
-              device: str | torch.device = "cpu") -> list[float]:
-    """Train the linear layers of the non-final heads of ``arch``; returns each head's final loss."""
-    feats = pooled_exit_features(supernet, arch, split, info, device=device)
-    g = torch.Generator().manual_seed(seed)
-    return [_fit_linear(supernet.heads[head_key(s.exit, s.width)].fc, f, split.labels, epochs=epochs, lr=lr,
-                        batch_size=batch_size, generator=g)
-            for s, f in zip(arch.stages[:-1], feats, strict=True)]
-
-
-@torch.no_grad()
-def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: int = 10, lr: float = 1e-2,
-               batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
-               widths: tuple[float, ...] | None = None) -> int:
-    """Start every exit head as a linear probe of the static model's features at its exit.
-
-    One pass of the static trunk gives every exit's features; a head of width w reads the
-    first c_w(C) channels of them. Far better than random heads as a starting point for
-    supernet training; returns the number of heads fitted.
-    """
-    graph = supernet.graph
-    trunk = graph.truncated(*(e.node for e in graph.exits)).to(device).eval()
-    pools = [head_pool(e.spatial) for e in graph.exits]
-    pooled: list[list[torch.Tensor]] = [[] for _ in graph.exits]
-    for x, _ in Batches(split, info, 500, device=device):
-        outs = trunk(x)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        for j, o in enumerate(outs):
-            pooled[j].append(pools[j](o).cpu())  # (N, C, cells): a width-w head reads the first c_w(C) channels
-    g = torch.Generator().manual_seed(seed)
-    fitted = 0
-    for e, chunks in zip(graph.exits, pooled, strict=True):
-        feats = torch.cat(chunks)
-        for w in widths or supernet.widths:
-            key = head_key(e.name, w)
-            if key in supernet.heads:
-                with torch.enable_grad():
-                    _fit_linear(supernet.heads[key].fc, feats[:, :channels(w, e.channels)].flatten(1), split.labels,
-                                epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
-                fitted += 1
-    return fitted
-
-
-# --- supernet training -------------------------------------------------------------------
 
 @dataclass
 class SupernetConfig:
@@ -133,7 +42,7 @@ class SupernetConfig:
     distill_temperature: float = 2.0
     distill_weight: float = 0.7
     seed: int = 0
-    val_size: int = 5000
+    val_size: int | None = None  # None: 10 % of the training images, at most 5000 (resolved on load)
     split_seed: int = 0
     checkpoint_every: int = 50
     bn: str = "batch"  # "batch": each arch normalises with its own batch statistics; "frozen": the static ones
@@ -143,25 +52,7 @@ class SupernetConfig:
 IDENTITY = ("model", "dataset", "weights", "batch_size", "seed", "val_size", "split_seed")
 
 
-def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
-                      weight: float) -> torch.Tensor:
-    """Hinton KD towards the static model's logits, mixed with cross-entropy on the labels."""
-    kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(teacher / temperature, -1),
-                  reduction="batchmean") * temperature**2
-    return weight * kd + (1 - weight) * F.cross_entropy(logits, labels)
-
-
-ArchSampler = Callable[[np.random.Generator], list[MultiStageArch]]
-
-
-def sandwich_sampler(space: SearchSpace, random_archs: int) -> ArchSampler:
-    """Largest (the static network), smallest, and ``random_archs`` random archs per batch."""
-    largest, smallest = static_arch(), space.smallest()
-
-    def sample(rng: np.random.Generator) -> list[MultiStageArch]:
-        return [largest, smallest, *(space.sample(rng) for _ in range(random_archs))]
-
-    return sample
+ArchSampler = Callable[[np.random.Generator], list[MultiStageArch]]  # the archs one batch trains
 
 
 def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sampler: ArchSampler,
@@ -260,8 +151,6 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
 def probe(supernet: SuperNet, archs: list[MultiStageArch], data: Dataset, *, device: str = "cpu",
           images: int = 1000) -> dict[str, float]:
     """Validation accuracy of every stage of a few fixed archs (a cheap progress signal)."""
-    from s2d.evaluation import stage_logits
-
     supernet.eval()  # eval-mode statistics (per arch, when the supernet has a source for them)
     out = {}
     val = data.val.subset(images)

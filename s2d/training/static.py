@@ -23,7 +23,7 @@ from tqdm import tqdm
 from s2d import checkpoint
 from s2d.data import Batches, Dataset, Split, load_dataset
 from s2d.errors import S2DError
-from s2d.evaluation import accuracy
+from s2d.measure.accuracy import accuracy
 from s2d.models import get_model
 from s2d.runs import open_run
 
@@ -41,7 +41,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle | cosine
     label_smoothing: float = 0.0
     seed: int = 0
-    val_size: int = 5000
+    val_size: int | None = None  # None: 10 % of the training images, at most 5000 (resolved on load)
     split_seed: int = 0
     train_limit: int | None = None  # train on the first N samples only (smoke tests)
     data_dir: str | None = None
@@ -95,6 +95,7 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
     """Train (or resume training) and return the final metrics."""
     cfg.validate()
     data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed)
+    cfg.val_size = data.val_size  # the resolved default is part of the run's identity
     info = data.info
     last = Path(run_dir) / "checkpoints" / "last.pt"
     state = checkpoint.load(last) if last.exists() else None

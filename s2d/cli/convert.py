@@ -1,0 +1,103 @@
+"""``s2d convert`` and its first phases on their own: ``s2d supernet``, ``s2d search``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in
+
+
+def config_from_args(args: argparse.Namespace):
+    from s2d.pipeline.convert import ConvertConfig
+
+    return ConvertConfig(model=args.model, dataset=args.dataset, weights=args.weights, algo=args.algo,
+                         budget=args.budget, tolerance=args.tolerance, objective=args.objective,
+                         search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
+                         importance=args.importance,
+                         seed=args.seed,
+                         val_size=args.val_size, split_seed=args.split_seed, data_dir=args.data_dir,
+                         device=check_device(args.device))
+
+
+def run_dir_from_args(args: argparse.Namespace) -> str:
+    return args.run_dir or f"runs/convert-{args.model.replace(':', '-')}-{args.dataset.replace(':', '-')}-{args.budget}"
+
+
+def cmd_supernet(args: argparse.Namespace) -> int:
+    from s2d.pipeline.convert import Pipeline
+
+    p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
+    p.supernet_phase()
+    print(f"supernet trained: {p.run.checkpoints / 'supernet.pt'} (TensorBoard: {p.run.tensorboard})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from s2d.errors import S2DError
+    from s2d.pipeline.convert import Pipeline
+
+    p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
+    if not (p.run.checkpoints / "supernet.pt").exists():
+        raise S2DError(f"{p.run.root} has no trained supernet; run `s2d supernet` (same flags) or `s2d convert` first")
+    summaries = p.search_phase([args.algo] + (["random"] if args.compare_random and args.algo != "random" else []))
+    print(json.dumps(summaries, indent=2))
+    print(f"best arch: {p.run.root / 'best_arch.json'}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from s2d.pipeline.convert import Pipeline
+
+    p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
+    report = p.run_all()
+    print((p.run.root / "report.md").read_text())
+    d = report["dynamic"]
+    print(f"dynamic network: {p.run.checkpoints / 'dynamic.pt'}; export it with "
+          f"`s2d export --weights {p.run.checkpoints / 'dynamic.pt'} --dataset {args.dataset} --out DIR`")
+    print(f"summary: test accuracy {d['test_accuracy'] * 100:.2f} % ({d['accuracy_delta_points']:+.2f} points), "
+          f"{1 / d['mac_ratio']:.2f}x fewer average MACs, throughput x{d['throughput_ratio']:.2f} (batch 256)")
+    return 0
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a conversion (its identity in the run directory), shared with ``s2d bench``."""
+    from s2d.pipeline.convert import BUDGETS
+    from s2d.search.evaluator import OBJECTIVES
+    from s2d.search.runner import ALGOS
+    from s2d.transform.importance import CRITERIA
+
+    add_model_args(p)
+    add_data_args(p)
+    add_runtime_args(p)
+    p.add_argument("--algo", choices=ALGOS, default="ppo", help="searcher (default: MaskablePPO)")
+    p.add_argument("--budget", choices=tuple(BUDGETS), default="small",
+                   help="small: the ~15 min demo; full: the quality setting; tiny: smoke tests")
+    p.add_argument("--tolerance", type=float_in(0, 100), default=0.5,
+                   help="accuracy points below the static model allowed on validation data")
+    p.add_argument("--objective", choices=OBJECTIVES, default="tolerance")
+    p.add_argument("--search-thresholds", action="store_true",
+                   help="search exit thresholds with the arch (EDANAS) instead of calibrating them")
+    p.add_argument("--max-stages", type=int, choices=(2, 3, 4), default=4)
+    p.add_argument("--bn", choices=("batch", "frozen"), default="batch",
+                   help="batch-norm statistics in supernet training: per arch (batch) or the static ones (frozen)")
+    p.add_argument("--importance", choices=(*CRITERIA, "none"), default="l2",
+                   help="order every coupled channel group by this Torch-Pruning criterion before the supernet is "
+                        "built, so narrow stages keep the channels a pruner would keep (default: l2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", help="default runs/convert-MODEL-DATASET-BUDGET")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="static CNN -> searched dynamic network (supernet, search, fine-tune, report)")
+    common_args(p)
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("supernet", help="train the weight-sharing supernet of a model (resumable)")
+    common_args(p)
+    p.set_defaults(func=cmd_supernet)
+    p = sub.add_parser("search", help="search archs on a trained supernet (resumable; archive.jsonl)")
+    common_args(p)
+    p.add_argument("--compare-random", action="store_true", help="also run random search at the same budget")
+    p.set_defaults(func=cmd_search)

@@ -1,0 +1,87 @@
+"""Exit thresholds: the cheapest setting that keeps a required accuracy on held-out samples."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from s2d.measure.accuracy import StageOutputs
+from s2d.transform.exit_rule import NEVER_EXIT
+
+
+def float32_thresholds(thresholds: list[float]) -> list[float]:
+    """Each threshold raised to the smallest float32 >= it.
+
+    Confidences are float32 and torch compares them with a threshold in float32, while
+    ``calibrate`` picks thresholds (quantiles) in float64. A threshold between two float32
+    values would be rounded, possibly down onto a sample's confidence, and let samples exit
+    that calibration counted as continuing. Rounding up keeps ``c >= t`` identical in both
+    precisions for every float32 confidence ``c``.
+    """
+    out = []
+    for t in thresholds:
+        if t > 1.0:  # "never exit": no confidence reaches it in either precision
+            out.append(float(t))
+            continue
+        t32 = np.float32(t)
+        if float(t32) < t:
+            t32 = np.nextafter(t32, np.float32(np.inf))
+        out.append(float(t32))
+    return out
+
+
+def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], min_accuracy: float,
+              grid: int = 40) -> tuple[list[float], float]:
+    """Thresholds minimising average MACs subject to accuracy >= ``min_accuracy`` on these samples.
+
+    ``confidences`` and ``correct`` are (S, N): every stage's confidence and correctness on
+    a validation set. Candidate thresholds per stage are quantiles of its confidences plus
+    "never exit". Earlier thresholds are enumerated; the last decision is solved for all
+    candidates at once with sorted prefix sums (S <= 4 keeps this well under a second).
+    Returns the thresholds and the expected average MACs; when no setting reaches the
+    accuracy, the most accurate one.
+    """
+    conf = np.asarray(confidences, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    s, n = conf.shape
+    cum = np.cumsum(np.asarray(stage_macs, dtype=np.float64))  # cost of a sample exiting at stage i
+    if s == 1:
+        return [], float(cum[0])
+    qs = np.linspace(0, 1, grid + 1)[1:-1]
+    cands = [np.unique(np.append(np.quantile(conf[i], qs), NEVER_EXIT)) for i in range(s - 1)]
+    j = s - 2  # the last decision
+    best: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
+    fallback: tuple[float, float, list[float]] | None = None  # (-acc, cost, thresholds)
+    for prefix in itertools.product(*cands[:j]):
+        pending = np.ones(n, dtype=bool)
+        base_ok = base_cost = 0.0
+        for i, t in enumerate(prefix):
+            leave = pending & (conf[i] >= t)
+            base_ok += ok[i][leave].sum()
+            base_cost += cum[i] * leave.sum()
+            pending &= ~leave
+        c = conf[j][pending]
+        order = np.argsort(-c, kind="stable")
+        ok_here = np.concatenate([[0.0], np.cumsum(ok[j][pending][order])])
+        ok_last = np.concatenate([[0.0], np.cumsum(ok[s - 1][pending][order])])
+        m = len(c) - np.searchsorted(np.sort(c), cands[j], side="left")  # how many leave at stage j
+        acc = (base_ok + ok_here[m] + ok_last[-1] - ok_last[m]) / n
+        cost = (base_cost + cum[j] * m + cum[s - 1] * (len(c) - m)) / n
+        for a, co, t in zip(acc, cost, cands[j], strict=True):
+            thresholds = [*map(float, prefix), float(t)]
+            if a >= min_accuracy - 1e-12 and (best is None or (co, -a) < best[:2]):
+                best = (float(co), float(-a), thresholds)
+            if fallback is None or (-a, co) < fallback[:2]:
+                fallback = (float(-a), float(co), thresholds)
+    if best is not None:
+        return best[2], best[0]
+    assert fallback is not None
+    return fallback[2], fallback[1]
+
+
+def calibrate_thresholds(outputs: StageOutputs, costs: list[float], min_accuracy: float) -> tuple[list[float], float]:
+    """:func:`calibrate` on one arch's stage outputs, thresholds snapped to float32 (as they are compared)."""
+    thresholds, cost = calibrate(outputs.confidence, outputs.correct, costs, min_accuracy)
+    return float32_thresholds(thresholds), cost

@@ -1,0 +1,111 @@
+"""Exit heads on a frozen backbone: linear probes of the features at each exit.
+
+Heads pool to a small grid before their linear layer, so the pooled features are computed
+once and the probes train on them in seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from s2d.data import Batches, Dataset, DatasetInfo, Split
+from s2d.transform.arch import MultiStageArch, channels
+from s2d.transform.sliced import head_pool
+from s2d.transform.stages import head_key
+from s2d.transform.supernet import SuperNet
+
+
+@torch.no_grad()
+def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *,
+                         device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Pooled features (what the linear layer reads) at the exit of every non-final stage: [(N, c_s)]."""
+    heads = [supernet.heads[head_key(s.exit, s.width)] for s in arch.stages[:-1]]
+    supernet.ensure_statistics(arch)  # before the hooks: estimating them runs forwards of its own
+    feats: list[list[torch.Tensor]] = [[] for _ in heads]
+    hooks = [h.pool.register_forward_hook(lambda m, i, o, j=j: feats[j].append(o.flatten(1).cpu()))
+             for j, h in enumerate(heads)]
+    was_training = supernet.training
+    supernet.eval()
+    try:
+        for x, _ in Batches(split, info, 500, device=device):
+            supernet.forward_stages(x, arch, upto=len(heads))
+    finally:
+        for h in hooks:
+            h.remove()
+        supernet.train(was_training)
+    return [torch.cat(f) for f in feats]
+
+
+def _fit_linear(fc: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+                batch_size: int, generator: torch.Generator) -> float:
+    """Adam with cosine decay on (pooled features, labels); returns the last batch loss."""
+    dev = fc.weight.device
+    opt = torch.optim.Adam(fc.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(feats) + batch_size - 1) // batch_size))
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(feats), generator=generator)
+        for i in range(0, len(feats), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(fc(feats[idx].to(dev)), labels[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return loss.item()
+
+
+def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *, epochs: int = 15,
+              lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
+              device: str | torch.device = "cpu") -> list[float]:
+    """Train the linear layers of the non-final heads of ``arch``; returns each head's final loss."""
+    feats = pooled_exit_features(supernet, arch, split, info, device=device)
+    g = torch.Generator().manual_seed(seed)
+    return [_fit_linear(supernet.heads[head_key(s.exit, s.width)].fc, f, split.labels, epochs=epochs, lr=lr,
+                        batch_size=batch_size, generator=g)
+            for s, f in zip(arch.stages[:-1], feats, strict=True)]
+
+
+@torch.no_grad()
+def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: int = 10, lr: float = 1e-2,
+               batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
+               widths: tuple[float, ...] | None = None) -> int:
+    """Start every exit head as a linear probe of the static model's features at its exit.
+
+    One pass of the static trunk gives every exit's features; a head of width w reads the
+    first c_w(C) channels of them. Far better than random heads as a starting point for
+    supernet training; returns the number of heads fitted.
+    """
+    graph = supernet.graph
+    trunk = graph.truncated(*(e.node for e in graph.exits)).to(device).eval()
+    pools = [head_pool(e.spatial) for e in graph.exits]
+    pooled: list[list[torch.Tensor]] = [[] for _ in graph.exits]
+    for x, _ in Batches(split, info, 500, device=device):
+        outs = trunk(x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for j, o in enumerate(outs):
+            pooled[j].append(pools[j](o).cpu())  # (N, C, cells): a width-w head reads the first c_w(C) channels
+    g = torch.Generator().manual_seed(seed)
+    fitted = 0
+    for e, chunks in zip(graph.exits, pooled, strict=True):
+        feats = torch.cat(chunks)
+        for w in widths or supernet.widths:
+            key = head_key(e.name, w)
+            if key in supernet.heads:
+                with torch.enable_grad():
+                    _fit_linear(supernet.heads[key].fc, feats[:, :channels(w, e.channels)].flatten(1), split.labels,
+                                epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
+                fitted += 1
+    return fitted
+
+
+def prepare_arch(supernet: SuperNet, arch: MultiStageArch, data: Dataset, *, device: str | torch.device = "cpu",
+                 head_images: int = 20000, recalibrate: bool = True) -> None:
+    """Make an arch of an untrained supernet usable: BN statistics for it, and trained exit heads."""
+    if arch.num_stages == 1:
+        return
+    if recalibrate and not arch.is_full_width:  # full-width archs compute the static network
+        train = Batches(data.train, data.info, 256, shuffle=True, seed=1, device=device)
+        supernet.recalibrate_bn(arch, train, num_batches=20)
+    fit_heads(supernet, arch, data.train.subset(head_images), data.info, device=device)
