@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from s2d.cli.args import positive_int
 from s2d.cli.convert import common_args, config_from_args, run_dir_from_args
 
 
@@ -30,6 +31,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measured targets: `zoo` accuracy, `targets` of a conversion, supernet `rank`")
     p.add_argument("what", choices=("zoo", "targets", "rank"))
     common_args(p)
-    p.add_argument("--archs", type=int, default=8, help="rank: archs to fine-tune separately")
-    p.add_argument("--steps", type=int, default=150, help="rank: fine-tune steps per arch")
+    p.add_argument("--archs", type=positive_int, default=8, help="rank: archs to fine-tune separately")
+    p.add_argument("--steps", type=positive_int, default=150, help="rank: fine-tune steps per arch")
     p.set_defaults(func=cmd_bench)

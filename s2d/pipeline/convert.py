@@ -64,6 +64,14 @@ BUDGETS = {
 }
 
 
+def choose_arch(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The searched arch to fine-tune: the best reward among the archs that keep the tolerance on
+    validation data. A slightly infeasible arch can out-score every feasible one (the penalty is
+    linear in the shortfall), and fine-tuning does not win back what the supernet already misses."""
+    feasible = [r for r in records if r["meets_target"]]
+    return max(feasible or records, key=lambda r: r["reward"])
+
+
 @dataclass
 class ConvertConfig:
     model: str = "resnet20"
@@ -221,7 +229,7 @@ class Pipeline:
         summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
                                    seed=self.cfg.seed, progress=self.progress) for a in algos}
         main = [r for r in self.archive.records() if r.get("searcher") == self.cfg.algo] or self.archive.records()
-        best = max(main, key=lambda r: r["reward"])
+        best = choose_arch(main)
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
         self._done("search", summaries=summaries, best=best)
