@@ -123,6 +123,7 @@ def test_convert_end_to_end(converted):
         assert (run / "checkpoints" / name).is_file(), name
     state = json.loads((run / "state.json").read_text())
     assert set(state) == {"supernet", "search", "finetune", "report"}
+    assert all(state[p]["seconds"] > 0 for p in state)  # each phase records its wall clock (bench peers reads it)
 
 
 def test_convert_again_is_quick_and_changes_nothing(converted):

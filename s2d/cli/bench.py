@@ -3,12 +3,57 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from s2d.cli.args import positive_int
+from s2d.cli.args import check_device, positive_int
 from s2d.cli.convert import common_args, config_from_args, run_dir_from_args
 
 
+def parse_reductions(text: str) -> tuple[float, ...]:
+    """``--ratios 2,3,4`` (times fewer MACs) as MAC ratios (1/2, 1/3, 1/4); bad input is one line."""
+    import math
+
+    from s2d.errors import S2DError
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise S2DError(f"--ratios takes MAC reductions like 2,3,4 (times fewer MACs), got {text!r}") from None
+    bad = [v for v in values if not (math.isfinite(v) and v > 1)]
+    if not values or bad:
+        raise S2DError(f"--ratios takes MAC reductions > 1 like 2,3,4 (times fewer MACs), got {text!r}")
+    if len(set(values)) != len(values):
+        raise S2DError(f"--ratios {text!r} repeats a reduction; give each once")
+    return tuple(1 / v for v in values)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    import math
+
+    from s2d.errors import S2DError
+    from s2d.pipeline.peers import run_peers
+
+    ratios = parse_reductions(args.ratios) if args.ratios.strip().lower() != "none" else ()
+    seconds = None
+    if args.peer_seconds is not None:
+        try:
+            seconds = float(args.peer_seconds)
+        except ValueError:
+            seconds = float("nan")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise S2DError(f"--peer-seconds must be a number of seconds > 0, got {args.peer_seconds!r}")
+    res = run_peers(run_dir_from_args(args), ratios=ratios, seconds=seconds, device=check_device(args.device),
+                    progress=not args.quiet, log=print)
+    out = f"{res['run_dir']}/peers"
+    print()
+    print((Path(out) / "peers.md").read_text())
+    print(f"written: {out}/peers.md, {out}/peers.json, {out}/peers.png")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "peers":
+        return cmd_peers(args)
     from s2d.pipeline.bench import check_targets, check_zoo, rank_correlation
     from s2d.pipeline.convert import Pipeline
 
@@ -28,9 +73,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measured targets: `zoo` accuracy, `targets` of a conversion, supernet `rank`")
-    p.add_argument("what", choices=("zoo", "targets", "rank"))
+    p = sub.add_parser("bench", help="measured targets: `zoo` accuracy, `targets` of a conversion, supernet `rank`, "
+                                     "`peers` (Torch-Pruning, depth-only, s2d on one wall clock)")
+    p.add_argument("what", choices=("zoo", "targets", "rank", "peers"))
     common_args(p)
     p.add_argument("--archs", type=positive_int, default=8, help="rank: archs to fine-tune separately")
     p.add_argument("--steps", type=positive_int, default=150, help="rank: fine-tune steps per arch")
+    p.add_argument("--peer-seconds", metavar="S",
+                   help="peers: KD fine-tune seconds of each Torch-Pruning peer (default: as long as the conversion "
+                        "took, from state.json's phase seconds, else the run directory's file times)")
+    p.add_argument("--ratios", default="2,3,4",
+                   help="peers: Torch-Pruning MAC reductions, comma-separated (default 2,3,4; 'none': no peers)")
     p.set_defaults(func=cmd_bench)

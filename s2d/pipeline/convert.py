@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from s2d.search.evaluator import ArchEvaluator, Objective
 from s2d.search.runner import ALGOS, run_search
 from s2d.search.space import SearchSpace
 from s2d.training.heads import fit_heads, init_heads
-from s2d.training.supernet import SupernetConfig, probe, train_archs
+from s2d.training.supernet import SupernetConfig, probe, time_training_step, train_archs
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.importance import CRITERIA, order_channels
 from s2d.transform.supernet import SuperNet, dynamic_checkpoint
@@ -50,6 +51,8 @@ class Budget:
     head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
     final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
+    finetune_seconds: float | None = None  # wall clock for a narrow arch's fine-tune (steps sized to it, at least
+    # finetune_steps): narrow stages need as long as a static pruner's fine-tune to be as good as its network
 
 
 BUDGETS = {
@@ -57,10 +60,10 @@ BUDGETS = {
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
                    final_head_images=500),
     "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
-                    batch_size=128, compare_random=False, bn_images=1000),
+                    batch_size=128, compare_random=False, bn_images=1000, finetune_seconds=240),
     # sized for ~1.5 h of ResNet-20 on one CPU thread (an evaluation is ~1 s per 1000 images)
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=3000, finetune_steps=500,
-                   batch_size=128, compare_random=True, head_images=20000, bn_images=1000),
+                   batch_size=128, compare_random=True, head_images=20000, bn_images=1000, finetune_seconds=600),
 }
 
 
@@ -131,6 +134,7 @@ class Pipeline:
                                  search_thresholds=cfg.search_thresholds)
         self.archive = Archive(self.run.root / "archive.jsonl")
         self.state_path = self.run.root / "state.json"
+        self._started: dict[str, float] = {}
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
 
     def new_supernet(self) -> SuperNet:
@@ -171,6 +175,11 @@ class Pipeline:
             sn.use_arch_statistics(None)
 
     def _done(self, phase: str, **result: Any) -> None:
+        """Record a finished phase with its wall clock in this process (what `s2d bench peers` gives the
+        peers: the same time s2d took)."""
+        started = self._started.pop(phase, None)
+        if started is not None:
+            result["seconds"] = time.perf_counter() - started  # a resumed phase counts its last run only
         self.state[phase] = result
         write_json_atomic(self.state_path, self.state)
 
@@ -184,6 +193,7 @@ class Pipeline:
     def supernet_phase(self) -> None:
         """Exit heads as linear probes of the static features, then sandwich-rule fine-tuning
         of the supernet, distilled from the static model."""
+        self._started["supernet"] = time.perf_counter()
         probes = [self.space.width_only(), self.space.depth_only()]
         if not (self.run.checkpoints / "supernet.pt").exists():  # a resumed run has its heads in the checkpoint
             init_heads(self.supernet, self.data.train.subset(self.budget.head_images), self.data.info,
@@ -222,6 +232,7 @@ class Pipeline:
                              full_width=self.full_width_supernet() if full_width else None)
 
     def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
+        self._started["search"] = time.perf_counter()
         self.load_supernet()
         algos = algos or [self.cfg.algo, *(["random"] if self.budget.compare_random and self.cfg.algo != "random"
                                            else [])]
@@ -243,15 +254,32 @@ class Pipeline:
         accuracy to the narrow archs) and only its heads are fitted. Any other arch is
         fine-tuned from the supernet's weights, distilled from the static model.
         """
+        self._started["finetune"] = time.perf_counter()
         self.load_supernet()
         arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
         if arch.is_full_width:
             self._fit_heads_on_static(arch)
         else:
             train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch],
-                        self.train_config(self.budget.finetune_steps), self.run, ckpt_name="finetune.pt",
+                        self.train_config(self._finetune_steps(arch)), self.run, ckpt_name="finetune.pt",
                         tag="finetune", device=self.cfg.device, progress=self.progress)
         self._done("finetune", checkpoint="checkpoints/finetune.pt")
+
+    def _finetune_steps(self, arch: MultiStageArch) -> int:
+        """Steps that fill ``finetune_seconds`` for this arch on this machine (at least ``finetune_steps``).
+
+        Timed once on a few training steps (teacher forward, every stage forward and backward) and
+        kept in ``checkpoints/finetune_plan.json``, so a resumed fine-tune keeps its schedule."""
+        plan_path = self.run.checkpoints / "finetune_plan.json"
+        if plan_path.exists():
+            return int(json.loads(plan_path.read_text())["steps"])
+        steps = self.budget.finetune_steps
+        if self.budget.finetune_seconds:
+            step = time_training_step(self.supernet, self.teacher, self.data, arch, self.budget.batch_size,
+                                      bn=self.cfg.bn, device=self.cfg.device)
+            steps = max(steps, int(self.budget.finetune_seconds / step))
+        write_json_atomic(plan_path, {"steps": steps, "seconds": self.budget.finetune_seconds})
+        return steps
 
     def _fit_heads_on_static(self, arch: MultiStageArch) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -297,6 +325,7 @@ class Pipeline:
         """Every figure of the report, on the test split: the static model, the baselines and the
         searched arch on the supernet, and the chosen network after its fine-tune, with its operating
         points. Thresholds are calibrated on validation data for every row, never on test data."""
+        self._started["report"] = time.perf_counter()
         device = self.cfg.device
         static = evaluate_static(self.static, self.data, device=device, limit=self.budget.test_limit)
         meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit)

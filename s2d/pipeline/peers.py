@@ -1,0 +1,490 @@
+"""``s2d bench peers``: s2d against the alternatives a user has, on the same model, data split and wall clock.
+
+A conversion's report compares the searched network with the static model and with baselines
+carved from the same supernet. A user deciding whether s2d is worth it compares it with what
+they would do otherwise, so this bench runs those alternatives on the conversion's own model,
+weights and train/validation/test split:
+
+* Torch-Pruning static pruning at a few MAC ratios, each KD fine-tuned for as long as the whole
+  conversion took (the fair budget: "what does the same CPU time buy"), see ``training.prune``;
+* the SDN-style depth-only network (the report's ``depth_only`` row: exits on the static backbone);
+* s2d's searched network at its operating points;
+* the oracle bound: s2d's stages with exits chosen by an oracle that knows the label.
+
+Every speed ratio is paired with the deployed static model (``measure.timing.paired_speed``).
+Peers are checkpointed under ``R/peers/`` and recorded in ``R/peers/peers.json`` as each
+finishes, so a killed run continues and a finished peer is never retrained. Outputs:
+``peers.json``, ``peers.md`` and ``peers.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from s2d import checkpoint
+from s2d.data import Batches, Dataset, Split, load_dataset
+from s2d.errors import S2DError
+from s2d.measure.accuracy import accuracy, stage_outputs
+from s2d.measure.cost import stage_macs, static_cost
+from s2d.measure.timing import deployable, paired_speed
+from s2d.models.zoo import load_model
+from s2d.runs import write_json_atomic, write_text_atomic
+from s2d.training.prune import kd_finetune, prune_to_mac_ratio, restore_pruned
+
+DEFAULT_RATIOS = (1 / 2, 1 / 3, 1 / 4)
+NOT_CONVERSION = ("peers", "bench_rank")  # run-directory folders written after the conversion, by benches
+LATENCY_IMAGES = 200  # single test images of the batch-1 latency ratio (as the report's rows)
+REPEATS = 10  # batch-256 calls per side of the throughput ratio (as the report's rows)
+
+Log = Callable[[str], None]
+
+
+def ratio_key(ratio: float) -> str:
+    """The name of a MAC ratio in file names and peers.json (``0.3333`` for 1/3)."""
+    return f"{ratio:.4g}"
+
+
+def _fmt_time(t: float) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _event_file_start(path: Path) -> float | None:
+    """The creation time TensorBoard writes into an event file's name (``events.out.tfevents.<epoch>...``);
+    its mtime is the last write, so the name is what dates the start of a phase."""
+    parts = path.name.split(".")
+    if len(parts) > 3 and parts[:3] == ["events", "out", "tfevents"] and parts[3].isdigit():
+        return float(parts[3])
+    return None
+
+
+def conversion_seconds(run_dir: str | Path) -> tuple[float, str]:
+    """How long the conversion in ``run_dir`` took, and how that was found out (to print).
+
+    The sum of the per-phase ``seconds`` in ``state.json`` when every phase records one (the
+    conversion's own wall clock, which leaves out pauses between a killed run and its resume);
+    otherwise the span of the conversion's file times: from the oldest file (or TensorBoard event
+    file creation) to the newest, leaving out what benches write later (``peers/``, ``bench_rank/``,
+    ``tensorboard/peers_*``) and ``config.yaml`` (rewritten whenever the run is reopened). The
+    span includes any pause before a resume, so it overstates the cost after one.
+    """
+    root = Path(run_dir)
+    state_path = root / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    phases = {k: v for k, v in state.items() if isinstance(v, dict)}
+    if phases and all(isinstance(v.get("seconds"), (int, float)) for v in phases.values()):
+        total = float(sum(v["seconds"] for v in phases.values()))
+        parts = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in phases.items())
+        return total, f"sum of the phases' seconds in state.json ({parts})"
+    starts, ends = [], []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if (not p.is_file() or rel.parts[0] in NOT_CONVERSION or p.name.startswith(".") or rel == Path("config.yaml")
+                or (rel.parts[0] == "tensorboard" and len(rel.parts) > 2 and rel.parts[1].startswith("peers_"))):
+            continue
+        mtime = p.stat().st_mtime
+        starts.append(min(mtime, _event_file_start(p) or mtime))
+        ends.append(mtime)
+    if not ends:
+        raise S2DError(f"{root} holds no conversion files to date the conversion by; pass --peer-seconds S")
+    why = "state.json has no per-phase seconds" if phases else "no state.json phases"
+    return max(ends) - min(starts), (f"span of the run directory's file times, {_fmt_time(min(starts))} to "
+                                     f"{_fmt_time(max(ends))} ({why}; includes any pause before a resume)")
+
+
+def oracle_bound(correct: torch.Tensor, stage_costs: Sequence[float], static_macs: float) -> dict[str, Any]:
+    """The best any exit policy could do on these stages: each sample exits at the first stage that
+    classifies it correctly, and at the first stage when none does (it is wrong whatever it pays).
+
+    ``correct`` is (stages, samples) bool, ``stage_costs`` the incremental MACs of each stage. Not
+    deployable (it needs the label), so it has no speed figure: it bounds accuracy and cost.
+    """
+    correct = correct.bool()
+    hit = correct.any(0)
+    exits = torch.where(hit, correct.int().argmax(0), torch.zeros_like(hit, dtype=torch.long))
+    cumulative = torch.tensor(list(stage_costs), dtype=torch.float64).cumsum(0)
+    avg = cumulative[exits].mean().item()
+    rates = torch.bincount(exits, minlength=correct.shape[0]).double() / correct.shape[1]
+    return {"test_accuracy": hit.double().mean().item(), "average_macs": avg, "mac_ratio": avg / static_macs,
+            "exit_rates": rates.tolist(), "stage_accuracy": correct.double().mean(1).tolist()}
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One verdict per Torch-Pruning peer: is s2d's most accurate point with at least the peer's MAC
+    reduction (``mac_ratio`` at most the peer's) at least as accurate as the peer?
+
+    Rows of kind ``torch-pruning`` are the peers, rows of kind ``s2d`` s2d's points (searched network
+    and its operating points; not the depth-only baseline, not the oracle). ``s2d_wins`` is None when
+    no s2d point reaches the peer's reduction.
+    """
+    s2d = [r for r in rows if r["kind"] == "s2d"]
+    out = []
+    for peer in (r for r in rows if r["kind"] == "torch-pruning"):
+        reach = [r for r in s2d if r["mac_ratio"] <= peer["mac_ratio"]]
+        best = max(reach, key=lambda r: (r["test_accuracy"], -r["mac_ratio"]), default=None)
+        head = f"{peer['name']} ({1 / peer['mac_ratio']:.2f}x fewer MACs, {peer['test_accuracy'] * 100:.2f} %)"
+        if best is None:
+            most = max((1 / r["mac_ratio"] for r in s2d), default=float("nan"))
+            line = f"{head}: no s2d point reaches {1 / peer['mac_ratio']:.2f}x fewer MACs (s2d's most: {most:.2f}x)"
+            wins = None
+        else:
+            wins = best["test_accuracy"] >= peer["test_accuracy"]
+            diff = (best["test_accuracy"] - peer["test_accuracy"]) * 100
+            line = (f"{head}: s2d {'is at least as accurate' if wins else 'is LESS accurate'} -- {best['name']} "
+                    f"{best['test_accuracy'] * 100:.2f} % at {1 / best['mac_ratio']:.2f}x ({diff:+.2f} points)")
+        out.append({"peer": peer["name"], "peer_mac_ratio": peer["mac_ratio"],
+                    "peer_test_accuracy": peer["test_accuracy"], "s2d_point": best["name"] if best else None,
+                    "s2d_mac_ratio": best["mac_ratio"] if best else None,
+                    "s2d_test_accuracy": best["test_accuracy"] if best else None, "s2d_wins": wins, "line": line})
+    return out
+
+
+@torch.no_grad()
+def paired_figures(reference: nn.Module, candidate: Callable[[torch.Tensor], object], test: Split, data: Dataset, *,
+                   device: str = "cpu", latency_images: int = LATENCY_IMAGES, repeats: int = REPEATS
+                   ) -> dict[str, float]:
+    """Batch-256 throughput ratio and batch-1 latency ratio of ``candidate`` against ``reference`` on the
+    first test images, the protocol of the report's rows (so peers and report rows are comparable)."""
+    x = next(iter(Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)))[0]
+    thr = paired_speed(reference, candidate, x, repeats=repeats)
+    lat = paired_speed(reference, candidate, x[:latency_images].split(1), warmup=1)
+    return {"throughput_ratio": thr.speedup, "latency_ratio": lat.ratio,
+            "throughput_img_s_batch256": thr.candidate.img_per_s,
+            "static_throughput_img_s_batch256": thr.reference.img_per_s,
+            "latency_ms_batch1": lat.candidate_ms, "static_latency_ms_batch1": lat.reference_ms}
+
+
+def _load_conversion(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    report_path = root / "report.json"
+    if not report_path.exists():
+        raise S2DError(f"{report_path} does not exist; run s2d convert first (`s2d convert --run-dir {root}`)")
+    try:
+        report = json.loads(report_path.read_text())
+        config = yaml.safe_load((root / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise S2DError(f"{root} holds an unreadable report.json or config.yaml ({e}); re-run s2d convert") from None
+    if not isinstance(config, dict) or "model" not in config or "static" not in report:
+        raise S2DError(f"{root} is not a finished conversion (config.yaml or report.json incomplete); "
+                       "run s2d convert first")
+    return config, report
+
+
+def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, test: Split, reference: nn.Module,
+             static_macs: float, root: Path, *, device: str, progress: bool, latency_images: int, repeats: int,
+             log: Log) -> dict[str, Any]:
+    """Prune to ``target`` (or rebuild a killed run's student from its checkpoint), KD fine-tune, measure."""
+    info = data.info
+    shape = (info.in_channels, info.image_size, info.image_size)
+    key = ratio_key(target)
+    ckpt = root / "peers" / f"tp_{key}.pt"
+    if ckpt.exists():  # a killed run: same widths, same plan, the time already spent counted
+        state = checkpoint.load(ckpt)
+        if "state_dict" not in state:
+            raise S2DError(f"{ckpt} is not a KD fine-tune checkpoint; delete it to prune again")
+        student = restore_pruned(static, state["state_dict"], shape, source=str(ckpt))
+        meta = dict(state.get("metadata") or {})
+        log(f"Torch-Pruning 1/{1 / target:.3g}: resuming {ckpt} (step {state.get('step')})")
+    else:
+        start = time.perf_counter()
+        pruned = prune_to_mac_ratio(static, shape, target)
+        student = pruned.module
+        meta = {"target_ratio": target, "pruning_ratio": pruned.pruning_ratio,
+                "prune_seconds": time.perf_counter() - start}
+        log(f"Torch-Pruning 1/{1 / target:.3g}: uniform pruning ratio {pruned.pruning_ratio:.4f} gives "
+            f"{pruned.mac_ratio:.3f} of the MACs; KD fine-tune for {seconds:.0f} s")
+    writer = SummaryWriter(str(root / "tensorboard" / f"peers_{key}"))
+    try:
+        ft = kd_finetune(student, static, data, seconds=seconds, checkpoint_path=ckpt, metadata=meta, writer=writer,
+                         progress=progress, device=device, tag=f"peers_{key}")
+        student.eval()
+        acc = accuracy(student, test, info, device=device)
+        writer.add_scalar(f"peers_{key}/test_accuracy", acc, ft["steps"])
+    finally:
+        writer.close()
+    macs = static_cost(student, info).total_macs
+    speed = paired_figures(reference, deployable(copy.deepcopy(student)), test, data, device=device,
+                           latency_images=latency_images, repeats=repeats)
+    prune_s = float(meta.get("prune_seconds", 0.0))
+    return {"name": f"Torch-Pruning 1/{1 / target:.3g}", "kind": "torch-pruning", "key": key,
+            "target_ratio": target, "pruning_ratio": meta.get("pruning_ratio"), "test_accuracy": acc,
+            "average_macs": macs, "mac_ratio": macs / static_macs,
+            "params": sum(p.numel() for p in student.parameters()),
+            **speed, "speed_source": "measured here", "seconds_budget": seconds, "finetune": ft,
+            "prune_seconds": prune_s, "cost_seconds": prune_s + ft["seconds"], "checkpoint": str(ckpt)}
+
+
+def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], data: Dataset, test: Split,
+                  reference: nn.Module, static_macs: float, *, device: str, latency_images: int, repeats: int
+                  ) -> dict[str, Any]:
+    """The oracle bound and the operating points' paired speed, from ``checkpoints/dynamic.pt``.
+
+    Only when the rebuilt network reproduces the report's test accuracy at its thresholds (else
+    the figures would be of another network): ``available`` False with the reason otherwise.
+    """
+    from s2d.pipeline.evaluate import dynamic_from_files
+    from s2d.transform.supernet import is_dynamic_checkpoint
+
+    path = root / "checkpoints" / "dynamic.pt"
+    if not path.exists():
+        return {"available": False, "reason": f"{path} is missing"}
+    if not is_dynamic_checkpoint(checkpoint.load(path)):
+        return {"available": False, "reason": f"{path} is not a dynamic checkpoint of s2d convert"}
+    supernet, arch = dynamic_from_files(data, str(path), model_name=config["model"], arch=None, tolerance=0.0,
+                                        device=device)
+    outs = stage_outputs(supernet, arch, test, data.info, device=device)
+    here, there = outs.accuracy(list(arch.thresholds)), report.get("dynamic", {}).get("test_accuracy")
+    if there is None or abs(here - there) > 2 / len(test) + 1e-9:
+        return {"available": False, "reason": f"{path} scores {here:.4f} on the test images, the report says "
+                                              f"{there}; it is not the reported network"}
+    costs, _ = stage_macs(supernet.materialise(arch, fold_bn=False).stages, supernet.input_shape)
+    net = supernet.materialise(arch)
+    points = []
+    for point in report.get("operating_points", []):
+        net.set_thresholds(point["thresholds"])
+        points.append({"tolerance_points": point["tolerance_points"],
+                       "test_accuracy_here": outs.accuracy(point["thresholds"]),
+                       **paired_figures(reference, net, test, data, device=device, latency_images=latency_images,
+                                        repeats=repeats)})
+    return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test),
+            "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points}
+
+
+def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: float,
+                 conversion_s: float) -> list[dict[str, Any]]:
+    """The report's depth-only, searched + fine-tuned and operating-point rows, in the peers' terms."""
+    rows = []
+    speed_keys = ("throughput_ratio", "latency_ratio")
+    depth = next((r for r in report.get("rows", []) if r["name"].startswith("depth_only")), None)
+    if depth is not None:
+        rows.append({"name": "SDN-style depth-only", "kind": "depth_only", "test_accuracy": depth["test_accuracy"],
+                     "average_macs": depth["average_macs"], "mac_ratio": depth["mac_ratio"],
+                     "exit_rates": depth.get("exit_rates"), **{k: depth.get(k) for k in speed_keys},
+                     "speed_source": "report" if depth.get("throughput_ratio") is not None else None,
+                     "cost_seconds": None})
+    dyn = report.get("dynamic")
+    tol = report.get("tolerance_points")
+    if dyn is not None:
+        rows.append({"name": f"s2d searched + fine-tuned (tol {tol})", "kind": "s2d",
+                     "test_accuracy": dyn["test_accuracy"], "average_macs": dyn["average_macs"],
+                     "mac_ratio": dyn["mac_ratio"], "exit_rates": dyn.get("exit_rates"),
+                     **{k: dyn.get(k) for k in speed_keys},
+                     "speed_source": "report" if dyn.get("throughput_ratio") is not None else None,
+                     "cost_seconds": conversion_s})
+    speeds = {p["tolerance_points"]: p for p in measured.get("operating_points", [])} if measured.get("available") \
+        else {}
+    for point in report.get("operating_points", []):
+        sp = speeds.get(point["tolerance_points"])
+        rows.append({"name": f"s2d @ {point['tolerance_points']} pts", "kind": "s2d",
+                     "tolerance_points": point["tolerance_points"], "test_accuracy": point["test_accuracy"],
+                     "average_macs": point["average_macs"], "mac_ratio": point["mac_ratio"],
+                     "exit_rates": point.get("exit_rates"),
+                     **({k: sp[k] for k in speed_keys} if sp else dict.fromkeys(speed_keys)),
+                     "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s})
+    if measured.get("available"):
+        o = measured["oracle"]
+        rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle", **o,
+                     **dict.fromkeys(speed_keys), "speed_source": None, "cost_seconds": None})
+    for r in rows:
+        r["accuracy_delta_points"] = (r["test_accuracy"] - static_acc) * 100
+    return rows
+
+
+def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, seconds: float | None = None,
+              device: str = "cpu", progress: bool = True, data: Dataset | None = None,
+              test_limit: int | None = None, latency_images: int = LATENCY_IMAGES, repeats: int = REPEATS,
+              log: Log | None = None) -> dict[str, Any]:
+    """Run (or resume) the peers of the conversion in ``run_dir``; write ``R/peers/peers.{json,md,png}``.
+
+    ``ratios`` are the Torch-Pruning peers' target MAC ratios (empty: no peers); ``seconds`` the KD
+    fine-tune budget of each (None: as long as the conversion took, see :func:`conversion_seconds`).
+    ``data`` (the conversion's split; loaded from its config when None) and ``test_limit`` (test images;
+    None: as many as the report used), ``latency_images`` and ``repeats`` exist for quick runs.
+    """
+    log = log or (print if progress else (lambda _s: None))
+    root = Path(run_dir)
+    config, report = _load_conversion(root)
+    for r in ratios:
+        if not (isinstance(r, (int, float)) and 0 < r < 1):
+            raise S2DError(f"a peer's MAC ratio must be in (0, 1) (e.g. 0.5 for 2x fewer MACs), got {r}")
+    if len({ratio_key(r) for r in ratios}) != len(ratios):
+        raise S2DError(f"MAC ratios {list(ratios)} repeat one; give each once")
+    conversion_s, conversion_how = conversion_seconds(root)
+    if seconds is None:
+        seconds, seconds_how = conversion_s, f"the conversion's wall clock: {conversion_how}"
+    else:
+        seconds_how = "--peer-seconds"
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise S2DError(f"the peers' fine-tune budget must be > 0 seconds, got {seconds}; pass --peer-seconds S")
+    log(f"conversion took {conversion_s / 60:.1f} min ({conversion_how})")
+    log(f"Torch-Pruning peers fine-tune for {seconds:.0f} s each ({seconds_how})")
+
+    out_dir = root / "peers"
+    out_path = out_dir / "peers.json"
+    try:
+        done: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
+    except ValueError as e:
+        raise S2DError(f"{out_path} is unreadable ({e}); delete it (finished peers keep their checkpoints "
+                       "and are measured again)") from None
+    finished = {p["key"]: p for p in done.get("peers", [])}
+    for key in (ratio_key(r) for r in ratios):
+        old = finished.get(key)
+        if old is not None and old["seconds_budget"] != float(seconds):
+            raise S2DError(f"{out_path} holds the 1/{1 / old['target_ratio']:.3g} peer fine-tuned for "
+                           f"{old['seconds_budget']:.0f} s, not {seconds:.0f} s; pass --peer-seconds "
+                           f"{old['seconds_budget']:.6g} or delete {out_dir}")
+
+    data = data or load_dataset(config["dataset"], data_dir=config.get("data_dir"), val_size=config.get("val_size"),
+                                split_seed=config.get("split_seed", 0))
+    test = data.test.subset(test_limit if test_limit is not None else report["static"].get("test_images"))
+    static = load_model(config["model"], data.info, config.get("weights", "zoo")).to(device).eval()
+    static_macs = static_cost(static, data.info).total_macs
+    static_acc = accuracy(static, test, data.info, device=device)
+    if abs(static_acc - report["static"]["test_accuracy"]) > 1e-6:
+        log(f"warning: the static model scores {static_acc * 100:.2f} % here, the report says "
+            f"{report['static']['test_accuracy'] * 100:.2f} %; deltas are against {static_acc * 100:.2f} %")
+    reference = deployable(copy.deepcopy(static))
+
+    def save(extra: dict[str, Any]) -> None:
+        done.update({"run_dir": str(root), "model": config["model"], "dataset": config["dataset"],
+                     "peer_seconds": float(seconds), "peer_seconds_source": seconds_how,
+                     "conversion_seconds": conversion_s, "conversion_seconds_source": conversion_how,
+                     "test_images": len(test), **extra})
+        write_json_atomic(out_path, done)
+
+    peers = []
+    for target in ratios:
+        key = ratio_key(target)
+        if key in finished:
+            log(f"Torch-Pruning 1/{1 / target:.3g}: finished before ({finished[key]['test_accuracy'] * 100:.2f} %)")
+            peers.append(finished[key])
+            continue
+        row = _tp_peer(target, float(seconds), static, data, test, reference, static_macs, root, device=device,
+                       progress=progress, latency_images=latency_images, repeats=repeats, log=log)
+        finished[key] = row
+        peers.append(row)
+        save({"peers": list(finished.values())})  # appended as it finishes: a killed run keeps it
+        log(f"{row['name']}: {row['test_accuracy'] * 100:.2f} %, {1 / row['mac_ratio']:.2f}x fewer MACs, "
+            f"throughput x{row['throughput_ratio']:.2f}")
+
+    measured = done.get("s2d_measured", {})
+    dyn = root / "checkpoints" / "dynamic.pt"
+    if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
+            and measured.get("test_images") == len(test)):  # measured once per network: re-timing adds only noise
+        log("s2d: oracle bound and operating-point speeds from checkpoints/dynamic.pt")
+        measured = _s2d_measured(root, config, report, data, test, reference, static_macs, device=device,
+                                 latency_images=latency_images, repeats=repeats)
+        if not measured["available"]:
+            log(f"s2d: oracle bound not available: {measured['reason']}")
+
+    static_row = {"name": "static", "kind": "static", "test_accuracy": static_acc, "average_macs": static_macs,
+                  "mac_ratio": 1.0, "throughput_ratio": 1.0, "latency_ratio": 1.0, "speed_source": "by definition",
+                  "cost_seconds": None, "accuracy_delta_points": 0.0}
+    for p in peers:
+        p["accuracy_delta_points"] = (p["test_accuracy"] - static_acc) * 100
+    rows = [static_row, *peers, *_report_rows(report, measured, static_acc, conversion_s)]
+    result = {"static_test_accuracy": static_acc, "static_macs": static_macs, "rows": rows,
+              "verdicts": verdicts(rows),
+              "oracle": measured.get("oracle") if measured.get("available") else
+              {"available": False, "reason": measured.get("reason")},
+              "s2d_measured": measured}
+    save({"peers": list(finished.values()), **result})
+    write_text_atomic(out_dir / "peers.md", peers_markdown(done))
+    plot_peers(done, out_dir / "peers.png")
+    return done
+
+
+def _cell(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def peers_markdown(res: dict[str, Any]) -> str:
+    """``peers.md``: the table, the verdicts and where the figures come from (measures nothing)."""
+    lines = [f"# s2d against its peers: {res['model']} on {res['dataset']}", "",
+             f"Same model, weights and data split as the conversion in `{res['run_dir']}`; "
+             f"{res['test_images']} test images. Torch-Pruning peers: KD fine-tune of "
+             f"{res['peer_seconds']:.0f} s each ({res['peer_seconds_source']}). The conversion took "
+             f"{res['conversion_seconds'] / 60:.1f} min ({res['conversion_seconds_source']}).", "",
+             "| network | MACs fewer | test acc (%) | Δ points | b256 throughput ratio | b1 latency ratio | "
+             "cost (min) |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        cost = r.get("cost_seconds")
+        lines.append(f"| {r['name']} | {1 / r['mac_ratio']:.2f}x | {r['test_accuracy'] * 100:.2f} | "
+                     f"{r['accuracy_delta_points']:+.2f} | {_cell(r.get('throughput_ratio'), '.2f')} | "
+                     f"{_cell(r.get('latency_ratio'), '.2f')} | {_cell(None if cost is None else cost / 60, '.1f')} |")
+    lines += ["", "Verdicts (s2d's most accurate point with at least the peer's MAC reduction):", ""]
+    lines += [f"- {v['line']}" for v in res["verdicts"]] or ["- no Torch-Pruning peers were run"]
+    oracle = res["oracle"]
+    lines += ["", ("Oracle bound: exits chosen knowing the label (first correct stage; the first stage when none "
+                   f"is): {oracle['test_accuracy'] * 100:.2f} % at {1 / oracle['mac_ratio']:.2f}x fewer MACs; no "
+                   "exit rule on these stages can beat it, and it has no speed figure (it is not deployable).")
+              if oracle.get("available", True) else f"Oracle bound: not available ({oracle['reason']})."]
+    lines += ["", "Speed ratios are wall-clock on this machine, each timed interleaved with the deployed static model "
+              "(BN folded): throughput > 1 and latency < 1 are faster. Sources: Torch-Pruning rows and the s2d "
+              "operating points are measured here; the depth-only and searched + fine-tuned rows come from the "
+              "conversion's report.json (— where it has none). Cost: pruning plus fine-tuning for the peers, the "
+              "whole conversion for s2d's points (one conversion yields all of them); the depth-only network is a "
+              "by-product of the conversion's report (linear-probe exit heads on the static weights).", ""]
+    return "\n".join(lines)
+
+
+def plot_peers(res: dict[str, Any], path: str | Path) -> None:
+    """``peers.png``: accuracy against MAC reduction and against measured throughput ratio."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    styles = {"static": ("*", "black", 180), "torch-pruning": ("v", "tab:orange", 60),
+              "depth_only": ("s", "tab:green", 60), "s2d": ("o", "tab:blue", 60)}
+    labels = {"static": "static", "torch-pruning": "Torch-Pruning + KD", "depth_only": "SDN-style depth-only",
+              "s2d": "s2d (searched, operating points)"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    for ax, key, xlabel in ((axes[0], "mac_ratio", "MAC reduction (x fewer average MACs than static)"),
+                            (axes[1], "throughput_ratio", "batch-256 throughput ratio vs static (measured)")):
+        for kind, (marker, colour, size) in styles.items():
+            pts = [r for r in rows if r["kind"] == kind and r.get(key) is not None]
+            if not pts:
+                continue
+            xs = [1 / r[key] if key == "mac_ratio" else r[key] for r in pts]
+            ys = [r["test_accuracy"] * 100 for r in pts]
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            if kind in ("torch-pruning", "s2d") and len(xs) > 1:
+                ax.plot([xs[i] for i in order], [ys[i] for i in order], color=colour, lw=0.8, alpha=0.6)
+            ax.scatter(xs, ys, marker=marker, s=size, color=colour, edgecolor="black", label=labels[kind], zorder=3)
+        oracle = next((r for r in rows if r["kind"] == "oracle"), None)
+        if oracle is not None:
+            if key == "mac_ratio":
+                ax.scatter([1 / oracle["mac_ratio"]], [oracle["test_accuracy"] * 100], marker="X", s=120,
+                           color="gold", edgecolor="black", label="oracle exits (bound)", zorder=3)
+            else:
+                ax.axhline(oracle["test_accuracy"] * 100, ls=":", color="goldenrod",
+                           label="oracle accuracy bound (no speed figure)")
+        ax.axhline(res["static_test_accuracy"] * 100, ls="--", lw=0.7, color="gray")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    if not any(r["kind"] == "oracle" for r in rows):
+        axes[0].set_title("oracle bound: not available", fontsize=8)
+    fig.suptitle(f"{res['model']} on {res['dataset']}: s2d and its peers "
+                 f"(peers fine-tuned {res['peer_seconds']:.0f} s each)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
