@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from s2d.data import DatasetInfo
-from s2d.measure.calibration import calibrate
+from s2d.measure.calibration import calibrate, calibrate_budget
 from s2d.measure.cost import average_macs, count_macs, exit_macs, stage_macs, static_cost
 from s2d.models import get_model
 from s2d.transform.arch import MultiStageArch, channels, static_arch
@@ -140,10 +140,10 @@ def test_average_macs_by_hand():
 
 def _brute_force(conf, correct, macs, min_accuracy, grid):
     """Every combination of the documented candidates: quantiles of each stage's confidences
-    at (1..grid-1)/grid plus 'never exit'."""
+    at (1..grid-1)/grid plus 0 ('everyone exits') and 'never exit'."""
     s, n = conf.shape
     qs = np.linspace(0, 1, grid + 1)[1:-1]
-    cands = [np.unique(np.append(np.quantile(conf[i].numpy().astype(np.float64), qs), NEVER_EXIT))
+    cands = [np.unique(np.concatenate([[0.0], np.quantile(conf[i].numpy().astype(np.float64), qs), [NEVER_EXIT]]))
              for i in range(s - 1)]
     cum = np.cumsum(macs)
     results = []
@@ -215,3 +215,28 @@ def test_count_macs_restores_training_mode():
     assert m.training
     assert a.by_operator()["conv"] == 2 * 9 * 3 * 3
     assert a.by_operator()["batch_norm"] == 2 * 2 * 3 * 3  # counted in eval mode (scale and shift)
+
+
+@pytest.mark.parametrize("seed, budget", [(0, 3.0), (1, 5.0), (2, 1.5), (3, 9.5)])
+def test_calibrate_budget_matches_brute_force(seed, budget):
+    """Budget mode: the most accurate setting whose average MACs fit the budget."""
+    g = torch.Generator().manual_seed(seed)
+    s, n, grid = 3, 60, 8
+    conf = torch.rand(s, n, generator=g)
+    correct = torch.rand(s, n, generator=g) < torch.tensor([[0.5], [0.7], [0.9]]) * 0.6 + 0.4 * conf
+    macs = [1.0, 2.5, 6.0]
+    thresholds, acc, avg = calibrate_budget(conf, correct, macs, budget, grid=grid)
+    results, _ = _brute_force(conf, correct, macs, 0.0, grid)
+    fitting = [r for r in results if r[0] <= budget + 1e-9]
+    assert fitting
+    assert acc == pytest.approx(max(r[1] for r in fitting), abs=1e-9)
+    ex = exit_stages(conf.double(), thresholds).numpy()
+    assert avg == pytest.approx(np.cumsum(macs)[ex].mean(), abs=1e-9) and avg <= budget + 1e-9
+    assert acc == pytest.approx(correct.numpy()[ex, np.arange(n)].mean(), abs=1e-9)
+
+
+def test_calibrate_budget_below_every_setting_returns_the_cheapest():
+    conf, correct = torch.rand(2, 30), torch.rand(2, 30) < 0.5
+    thresholds, _, avg = calibrate_budget(conf, correct, [1.0, 3.0], 0.5, grid=10)
+    assert avg == pytest.approx(1.0) and thresholds[0] <= conf[0].min().item()
+    assert calibrate_budget(conf[:1], correct[:1], [4.0], 1.0)[2] == 4.0  # one stage: nothing to choose

@@ -357,3 +357,23 @@ def test_full_width_archs_are_scored_on_the_full_width_network(setup):
     assert np.abs(shared_conf - ref_conf).max() > 1e-2  # the two networks really differ
     conf = ev.stage_outputs(HAND_ARCH).confidence
     np.testing.assert_allclose(conf.numpy(), reference_stage_outputs(setup, HAND_ARCH)[0], atol=1e-5)
+
+
+def test_budget_objective_fits_the_mac_budget_and_ranks_by_accuracy(setup):
+    """Budget mode: thresholds keep average MACs within the target ratio; a looser budget never
+    scores a lower accuracy; an arch whose cheapest setting is over budget does not meet it."""
+    costs = reference_costs(setup, HAND_ARCH)
+    full = sum(costs) / setup["static_macs"]
+    accs = []
+    for frac in (0.3, 0.6, 1.0):
+        target = full * frac
+        ev = make_evaluator(setup, static_accuracy=0.5, objective=Objective("budget", target_ratio=target))
+        e = ev.evaluate(HAND_ARCH)
+        assert e.meets_target and e.mac_ratio <= target + 1e-9
+        assert e.reward == pytest.approx(e.accuracy)
+        accs.append(e.accuracy)
+    assert accs == sorted(accs)
+    tight = costs[0] / setup["static_macs"] * 0.5  # below the first stage alone
+    ev = make_evaluator(setup, static_accuracy=0.5, objective=Objective("budget", target_ratio=tight, penalty=20.0))
+    e = ev.evaluate(HAND_ARCH)
+    assert not e.meets_target and e.reward == pytest.approx(e.accuracy - 20.0 * (e.mac_ratio - tight))

@@ -14,7 +14,7 @@ def config_from_args(args: argparse.Namespace):
     return ConvertConfig(model=args.model, dataset=args.dataset, weights=args.weights, algo=args.algo,
                          budget=args.budget, tolerance=args.tolerance, objective=args.objective,
                          search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
-                         importance=args.importance,
+                         importance=args.importance, target_mac_ratio=args.target_mac_ratio,
                          seed=args.seed,
                          val_size=args.val_size, split_seed=args.split_seed, data_dir=args.data_dir,
                          device=check_device(args.device))
@@ -76,6 +76,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float_in(0, 100), default=0.5,
                    help="accuracy points below the static model allowed on validation data")
     p.add_argument("--objective", choices=OBJECTIVES, default="tolerance")
+    p.add_argument("--target-mac-ratio", type=float_in(0, 1, lo_open=True),
+                   help="budget mode: at most this fraction of the static MACs on average (e.g. 0.25 for 4x fewer), "
+                        "the most accurate network within it")
     p.add_argument("--search-thresholds", action="store_true",
                    help="search exit thresholds with the arch (EDANAS) instead of calibrating them")
     p.add_argument("--max-stages", type=int, choices=(2, 3, 4), default=4)

@@ -32,28 +32,22 @@ def float32_thresholds(thresholds: list[float]) -> list[float]:
     return out
 
 
-def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], min_accuracy: float,
-              grid: int = 40) -> tuple[list[float], float]:
-    """Thresholds minimising average MACs subject to accuracy >= ``min_accuracy`` on these samples.
+def _settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], grid: int):
+    """Every candidate threshold setting with its accuracy and average MACs on these samples.
 
-    ``confidences`` and ``correct`` are (S, N): every stage's confidence and correctness on
-    a validation set. Candidate thresholds per stage are quantiles of its confidences plus
-    "never exit". Earlier thresholds are enumerated; the last decision is solved for all
-    candidates at once with sorted prefix sums (S <= 4 keeps this well under a second).
-    Returns the thresholds and the expected average MACs; when no setting reaches the
-    accuracy, the most accurate one.
+    Candidate thresholds per stage are quantiles of its confidences plus 0 (everyone exits) and
+    "never exit".
+    Earlier thresholds are enumerated; the last decision is solved for all candidates at
+    once with sorted prefix sums (S <= 4 keeps this well under a second). Yields
+    (accuracies, costs, thresholds) with one entry per candidate of the last decision.
     """
     conf = np.asarray(confidences, dtype=np.float64)
     ok = np.asarray(correct, dtype=np.float64)
     s, n = conf.shape
     cum = np.cumsum(np.asarray(stage_macs, dtype=np.float64))  # cost of a sample exiting at stage i
-    if s == 1:
-        return [], float(cum[0])
     qs = np.linspace(0, 1, grid + 1)[1:-1]
-    cands = [np.unique(np.append(np.quantile(conf[i], qs), NEVER_EXIT)) for i in range(s - 1)]
+    cands = [np.unique(np.concatenate([[0.0], np.quantile(conf[i], qs), [NEVER_EXIT]])) for i in range(s - 1)]
     j = s - 2  # the last decision
-    best: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
-    fallback: tuple[float, float, list[float]] | None = None  # (-acc, cost, thresholds)
     for prefix in itertools.product(*cands[:j]):
         pending = np.ones(n, dtype=bool)
         base_ok = base_cost = 0.0
@@ -69,8 +63,23 @@ def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list
         m = len(c) - np.searchsorted(np.sort(c), cands[j], side="left")  # how many leave at stage j
         acc = (base_ok + ok_here[m] + ok_last[-1] - ok_last[m]) / n
         cost = (base_cost + cum[j] * m + cum[s - 1] * (len(c) - m)) / n
-        for a, co, t in zip(acc, cost, cands[j], strict=True):
-            thresholds = [*map(float, prefix), float(t)]
+        yield acc, cost, [[*map(float, prefix), float(t)] for t in cands[j]]
+
+
+def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], min_accuracy: float,
+              grid: int = 40) -> tuple[list[float], float]:
+    """Thresholds minimising average MACs subject to accuracy >= ``min_accuracy`` on these samples.
+
+    ``confidences`` and ``correct`` are (S, N): every stage's confidence and correctness on
+    a validation set. Returns the thresholds and the expected average MACs; when no setting
+    reaches the accuracy, the most accurate one.
+    """
+    if len(stage_macs) == 1:
+        return [], float(stage_macs[0])
+    best: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
+    fallback: tuple[float, float, list[float]] | None = None  # (-acc, cost, thresholds)
+    for acc, cost, settings in _settings(confidences, correct, stage_macs, grid):
+        for a, co, thresholds in zip(acc, cost, settings, strict=True):
             if a >= min_accuracy - 1e-12 and (best is None or (co, -a) < best[:2]):
                 best = (float(co), float(-a), thresholds)
             if fallback is None or (-a, co) < fallback[:2]:
@@ -81,7 +90,35 @@ def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list
     return fallback[2], fallback[1]
 
 
+def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], max_macs: float,
+                     grid: int = 40) -> tuple[list[float], float, float]:
+    """Budget mode: thresholds maximising accuracy subject to average MACs <= ``max_macs`` on these samples.
+
+    Returns (thresholds, accuracy, average MACs); when no setting fits the budget, the cheapest one.
+    """
+    if len(stage_macs) == 1:
+        ok = np.asarray(correct, dtype=np.float64)
+        return [], float(ok[0].mean()), float(stage_macs[0])
+    best: tuple[float, float, list[float]] | None = None  # (-acc, cost, thresholds)
+    cheapest: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
+    for acc, cost, settings in _settings(confidences, correct, stage_macs, grid):
+        for a, co, thresholds in zip(acc, cost, settings, strict=True):
+            if co <= max_macs * (1 + 1e-12) and (best is None or (-a, co) < best[:2]):
+                best = (float(-a), float(co), thresholds)
+            if cheapest is None or (co, -a) < cheapest[:2]:
+                cheapest = (float(co), float(-a), thresholds)
+    if best is not None:
+        return best[2], -best[0], best[1]
+    assert cheapest is not None
+    return cheapest[2], -cheapest[1], cheapest[0]
+
+
 def calibrate_thresholds(outputs: StageOutputs, costs: list[float], min_accuracy: float) -> tuple[list[float], float]:
     """:func:`calibrate` on one arch's stage outputs, thresholds snapped to float32 (as they are compared)."""
     thresholds, cost = calibrate(outputs.confidence, outputs.correct, costs, min_accuracy)
     return float32_thresholds(thresholds), cost
+
+
+def calibrate_budget_thresholds(outputs: StageOutputs, costs: list[float], max_macs: float) -> list[float]:
+    """:func:`calibrate_budget` on one arch's stage outputs, thresholds snapped to float32."""
+    return float32_thresholds(calibrate_budget(outputs.confidence, outputs.correct, costs, max_macs)[0])

@@ -45,6 +45,7 @@ from s2d.training.prune import kd_finetune, prune_to_mac_ratio, restore_pruned
 
 DEFAULT_RATIOS = (1 / 2, 1 / 3, 1 / 4)
 NOT_CONVERSION = ("peers", "bench_rank")  # run-directory folders written after the conversion, by benches
+CONVERSION_END = ("report.json", "report.md", "pareto.png", "state.json")  # written last, by the report phase
 LATENCY_IMAGES = 200  # single test images of the batch-1 latency ratio (as the report's rows)
 REPEATS = 10  # batch-256 calls per side of the throughput ratio (as the report's rows)
 
@@ -75,9 +76,11 @@ def conversion_seconds(run_dir: str | Path) -> tuple[float, str]:
     The sum of the per-phase ``seconds`` in ``state.json`` when every phase records one (the
     conversion's own wall clock, which leaves out pauses between a killed run and its resume);
     otherwise the span of the conversion's file times: from the oldest file (or TensorBoard event
-    file creation) to the newest, leaving out what benches write later (``peers/``, ``bench_rank/``,
-    ``tensorboard/peers_*``) and ``config.yaml`` (rewritten whenever the run is reopened). The
-    span includes any pause before a resume, so it overstates the cost after one.
+    file creation) to the newest of the report phase's outputs (``report.json``, ``report.md``,
+    ``pareto.png``, ``state.json``), the conversion's last writes. Other files are no end mark:
+    reopening a run rewrites ``config.yaml`` and ``channel_order.json``, and benches write into
+    the run directory later. The span includes any pause before a resume, so it overstates the
+    cost after one.
     """
     root = Path(run_dir)
     state_path = root / "state.json"
@@ -87,17 +90,17 @@ def conversion_seconds(run_dir: str | Path) -> tuple[float, str]:
         total = float(sum(v["seconds"] for v in phases.values()))
         parts = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in phases.items())
         return total, f"sum of the phases' seconds in state.json ({parts})"
-    starts, ends = [], []
+    starts = []
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if (not p.is_file() or rel.parts[0] in NOT_CONVERSION or p.name.startswith(".") or rel == Path("config.yaml")
+        if (not p.is_file() or rel.parts[0] in NOT_CONVERSION or p.name.startswith(".")
                 or (rel.parts[0] == "tensorboard" and len(rel.parts) > 2 and rel.parts[1].startswith("peers_"))):
             continue
         mtime = p.stat().st_mtime
         starts.append(min(mtime, _event_file_start(p) or mtime))
-        ends.append(mtime)
-    if not ends:
-        raise S2DError(f"{root} holds no conversion files to date the conversion by; pass --peer-seconds S")
+    ends = [(root / n).stat().st_mtime for n in CONVERSION_END if (root / n).is_file()]
+    if not ends or not starts:
+        raise S2DError(f"{root} holds no report files to date the conversion by; pass --peer-seconds S")
     why = "state.json has no per-phase seconds" if phases else "no state.json phases"
     return max(ends) - min(starts), (f"span of the run directory's file times, {_fmt_time(min(starts))} to "
                                      f"{_fmt_time(max(ends))} ({why}; includes any pause before a resume)")

@@ -15,13 +15,13 @@ from typing import Any
 
 from s2d.data import Split
 from s2d.measure.accuracy import StageOutputs, stage_outputs
-from s2d.measure.calibration import calibrate_thresholds
+from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thresholds
 from s2d.measure.cost import average_macs, stage_macs
 from s2d.search.archive import Archive
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet
 
-OBJECTIVES = ("tolerance", "mnas")
+OBJECTIVES = ("tolerance", "mnas", "budget")
 
 
 @dataclass
@@ -31,6 +31,10 @@ class Objective:
     ``tolerance``: reward = 1 - MAC ratio, minus ``penalty`` per unit of accuracy below the
     target (thresholds are calibrated to reach it when the arch can).
     ``mnas``: reward = acc * (MAC ratio / target_ratio) ** w (MnasNet), same calibration.
+    ``budget``: the inverse question, "at most ``target_ratio`` of the static MACs on average, the
+    most accurate": thresholds maximise accuracy within the budget; reward = accuracy, minus
+    ``penalty`` per unit of MAC ratio over it. Only the ranking of archs matters here, so archs the
+    supernet under-rates in absolute accuracy (narrow ones) still win where the budget needs them.
     """
 
     kind: str = "tolerance"
@@ -42,6 +46,8 @@ class Objective:
     def reward(self, accuracy: float, mac_ratio: float, target_accuracy: float) -> float:
         if self.kind == "mnas":
             return accuracy * (mac_ratio / self.target_ratio) ** self.mnas_w
+        if self.kind == "budget":
+            return accuracy - self.penalty * max(0.0, mac_ratio - self.target_ratio)
         return 1.0 - mac_ratio - self.penalty * max(0.0, target_accuracy - accuracy)
 
 
@@ -123,8 +129,11 @@ class ArchEvaluator:
 
     def score(self, arch: MultiStageArch, outputs: StageOutputs, costs: list[float]) -> Evaluation:
         """The reward of ``arch`` from its stage outputs: the part the tests check by hand."""
+        budget = self.objective.kind == "budget"
         if arch.thresholds or arch.num_stages == 1:
             thresholds = list(arch.thresholds)
+        elif budget:
+            thresholds = calibrate_budget_thresholds(outputs, costs, self.objective.target_ratio * self.static_macs)
         else:
             thresholds = calibrate_thresholds(outputs, costs, self.target_accuracy)[0]
         acc = outputs.accuracy(thresholds)
@@ -135,7 +144,8 @@ class ArchEvaluator:
         return Evaluation(arch=arch.with_thresholds(thresholds).to_dict(), reward=reward, accuracy=acc,
                           average_macs=avg, mac_ratio=ratio, exit_rates=rates, thresholds=thresholds,
                           stage_macs=costs, stage_accuracy=outputs.stage_accuracy(),
-                          meets_target=acc >= self.target_accuracy - 1e-12)
+                          meets_target=ratio <= self.objective.target_ratio + 1e-9 if budget
+                          else acc >= self.target_accuracy - 1e-12)
 
     def archive_key(self, arch: MultiStageArch) -> str:
         """Searched thresholds are part of the candidate; calibrated ones are not."""
