@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from s2d.cli import bench, convert, eval, train, transform, zoo
+from s2d.cli import bench, convert, evaluate, train, transform, zoo
 from s2d.cli.args import set_threads
 from s2d.errors import S2DError
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="s2d", description="Turn a pretrained static CNN into a dynamic multi-stage network.")
     parser.add_argument("--version", action="version", version=f"s2d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (train, zoo, eval, transform, convert, bench):
+    for group in (train, zoo, evaluate, transform, convert, bench):
         group.add_commands(sub)
     return parser
 
