@@ -337,3 +337,34 @@ def test_restore_static_gives_full_width_archs_the_static_network():
         torch.testing.assert_close(sn.eval().forward_stages(x, arch)[-1], static(x), atol=1e-5, rtol=1e-5)
         logits, _ = sn.materialise(arch.with_thresholds([1.01]))(x)
         torch.testing.assert_close(logits, static(x), atol=1e-4, rtol=1e-4)
+
+
+def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, monkeypatch, capsys):
+    """The user's case from the issue: the search finds nothing within tolerance. The conversion must
+    not ship its best-reward arch anyway (42 % at 1.00x MACs there): it ships the static network,
+    says so in one line on stderr and in the report, and exits 0."""
+    from s2d.cli import main
+    from s2d.search.evaluator import ArchEvaluator
+
+    score = ArchEvaluator.score
+
+    def nothing_keeps_it(self, arch, outputs, costs):
+        ev = score(self, arch, outputs, costs)
+        ev.meets_target = False
+        return ev
+
+    monkeypatch.setattr(ArchEvaluator, "score", nothing_keeps_it)
+    run = tmp_path / "run"
+    assert main(convert_args(tiny_run["model_pt"], run)) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("s2d: no searched arch kept the 0.5-point tolerance"), err
+
+    report = json.loads((run / "report.json").read_text())
+    assert report["fallback"] and "**Fallback:**" in (run / "report.md").read_text()
+    shipped = report["dynamic"]
+    assert shipped["name"] == "shipped: static network (fallback)"
+    assert shipped["arch"]["stages"] == [{"width": 1.0, "exit": "output", "reuse": True}]
+    assert shipped["mac_ratio"] == pytest.approx(1.0)
+    assert shipped["test_accuracy"] == pytest.approx(report["static"]["test_accuracy"], abs=1e-6)
+    ckpt = checkpoint.load(run / "checkpoints" / "dynamic.pt")
+    assert MultiStageArch.from_dict(ckpt["arch"]).num_stages == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in
 
@@ -52,6 +53,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
     report = p.run_all()
     print((p.run.root / "report.md").read_text())
+    if report.get("fallback"):
+        print(f"s2d: {report['fallback']}", file=sys.stderr)
     d = report["dynamic"]
     print(f"dynamic network: {p.run.checkpoints / 'dynamic.pt'}; export it with "
           f"`s2d export --weights {p.run.checkpoints / 'dynamic.pt'} --dataset {args.dataset} --out DIR`")

@@ -32,8 +32,8 @@ from s2d.search.evaluator import ArchEvaluator, Objective
 from s2d.search.runner import ALGOS, run_search
 from s2d.search.space import SearchSpace
 from s2d.training.heads import fit_heads, init_heads
-from s2d.training.supernet import SupernetConfig, probe, time_training_step, train_archs
-from s2d.transform.arch import MultiStageArch
+from s2d.training.supernet import SupernetConfig, probe, train_archs
+from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.importance import CRITERIA, order_channels
 from s2d.transform.supernet import SuperNet, dynamic_checkpoint
 
@@ -51,8 +51,9 @@ class Budget:
     head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
     final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
-    finetune_seconds: float | None = None  # wall clock for a narrow arch's fine-tune (steps sized to it, at least
-    # finetune_steps): narrow stages need as long as a static pruner's fine-tune to be as good as its network
+    narrow_finetune_steps: int | None = None  # steps of a narrow arch's fine-tune (None: finetune_steps): narrow
+    # stages need about as long as a static pruner's fine-tune to be as good as its network. A fixed count, not
+    # a wall clock, so that the network a user gets does not depend on how loaded the machine was.
 
 
 BUDGETS = {
@@ -60,18 +61,24 @@ BUDGETS = {
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
                    final_head_images=500),
     "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
-                    batch_size=128, compare_random=False, bn_images=1000, finetune_seconds=240),
+                    batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
     # sized for ~1.5 h of ResNet-20 on one CPU thread (an evaluation is ~1 s per 1000 images)
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=3000, finetune_steps=500,
-                   batch_size=128, compare_random=True, head_images=20000, bn_images=1000, finetune_seconds=600),
+                   batch_size=128, compare_random=True, head_images=20000, bn_images=1000, narrow_finetune_steps=4000),
 }
 
 
-def choose_arch(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The searched arch to fine-tune: the best reward among the archs that keep the tolerance on
+def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True) -> dict[str, Any] | None:
+    """The searched arch to fine-tune: the best reward among the archs that keep the promise on
     validation data. A slightly infeasible arch can out-score every feasible one (the penalty is
-    linear in the shortfall), and fine-tuning does not win back what the supernet already misses."""
+    linear in the shortfall), and fine-tuning does not win back what the supernet already misses.
+
+    ``None`` when no arch keeps it and ``must_meet``: the caller ships a network that does (the static
+    one) instead of a worse one. Budget mode (``must_meet=False``) takes the best reward anyway: no
+    network is known to fit an average-MAC budget, so the nearest is the answer."""
     feasible = [r for r in records if r["meets_target"]]
+    if not feasible and must_meet:
+        return None
     return max(feasible or records, key=lambda r: r["reward"])
 
 
@@ -252,11 +259,18 @@ class Pipeline:
         ev = self.evaluator(self.budget.search_val_images)
         summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
                                    seed=self.cfg.seed, progress=self.progress) for a in algos}
-        main = [r for r in self.archive.records() if r.get("searcher") == self.cfg.algo] or self.archive.records()
-        best = choose_arch(main)
+        records = self.archive.records()
+        main = [r for r in records if r.get("searcher") == self.cfg.algo] or records
+        must_meet = self.cfg.target_mac_ratio is None
+        best = choose_arch(main, must_meet=must_meet) or choose_arch(records, must_meet=must_meet)
+        fallback = None
+        if best is None:
+            fallback = (f"no searched arch kept the {self.cfg.tolerance}-point tolerance on validation data; "
+                        "the static network is shipped unchanged (try --budget full or a larger --tolerance)")
+            best = {"arch": static_arch().to_dict(), "fallback": True}
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
-        self._done("search", summaries=summaries, best=best)
+        self._done("search", summaries=summaries, best=best, fallback=fallback)
         return summaries
 
     def finetune_phase(self) -> None:
@@ -273,7 +287,7 @@ class Pipeline:
         if arch.is_full_width:
             self._fit_heads_on_static(arch)
         else:
-            steps = self._finetune_steps(arch)
+            steps = self.budget.narrow_finetune_steps or self.budget.finetune_steps
             if not (self.run.checkpoints / "finetune.pt").exists():  # a resumed fine-tune has its weights there
                 # Start from the importance-ordered static weights, as a static pruner does: measured on
                 # ResNet-20 (width 0.5, 1500 steps) 92.65 % test from them against 91.9 % from the shared
@@ -285,22 +299,6 @@ class Pipeline:
             train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch], cfg, self.run,
                         ckpt_name="finetune.pt", tag="finetune", device=self.cfg.device, progress=self.progress)
         self._done("finetune", checkpoint="checkpoints/finetune.pt")
-
-    def _finetune_steps(self, arch: MultiStageArch) -> int:
-        """Steps that fill ``finetune_seconds`` for this arch on this machine (at least ``finetune_steps``).
-
-        Timed once on a few training steps (teacher forward, every stage forward and backward) and
-        kept in ``checkpoints/finetune_plan.json``, so a resumed fine-tune keeps its schedule."""
-        plan_path = self.run.checkpoints / "finetune_plan.json"
-        if plan_path.exists():
-            return int(json.loads(plan_path.read_text())["steps"])
-        steps = self.budget.finetune_steps
-        if self.budget.finetune_seconds:
-            step = time_training_step(self.supernet, self.teacher, self.data, arch, self.budget.batch_size,
-                                      bn=self.cfg.bn, device=self.cfg.device)
-            steps = max(steps, int(self.budget.finetune_seconds / step))
-        write_json_atomic(plan_path, {"steps": steps, "seconds": self.budget.finetune_seconds})
-        return steps
 
     def _fit_heads_on_static(self, arch: MultiStageArch) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -333,13 +331,14 @@ class Pipeline:
             self.supernet.use_arch_statistics(None)
         return self.supernet
 
-    def save_dynamic(self, arch: MultiStageArch) -> Path:
-        """``checkpoints/dynamic.pt``: what rebuilds the deployed network (``s2d export``)."""
+    def save_dynamic(self, arch: MultiStageArch, supernet: SuperNet | None = None) -> Path:
+        """``checkpoints/dynamic.pt``: what rebuilds the deployed network (``s2d export``), from ``supernet``
+        (default: the fine-tuned one)."""
         info = self.data.info
         meta = {"model": self.cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
                 "image_size": info.image_size, "dataset": info.name}
         path = self.run.checkpoints / "dynamic.pt"
-        checkpoint.save_atomic(dynamic_checkpoint(self.supernet, arch, meta), path)
+        checkpoint.save_atomic(dynamic_checkpoint(supernet or self.supernet, arch, meta), path)
         return path
 
     def report_phase(self) -> dict[str, Any]:
@@ -357,11 +356,18 @@ class Pipeline:
         rows.append(meter.row("searched (supernet)", ev, chosen)[0])
         self.load_finetuned()
         ev = self.evaluator(self.budget.report_val_images, full_width=False)
+        fallback = self.state.get("search", {}).get("fallback")
+        if self.cfg.target_mac_ratio is None and not fallback and not ev.evaluate(chosen).meets_target:
+            fallback = (f"the fine-tuned network misses the {self.cfg.tolerance}-point tolerance on validation "
+                        "data; the static network is shipped unchanged (try --budget full or a larger --tolerance)")
+        if fallback:
+            chosen, ev = static_arch(), self.evaluator(self.budget.report_val_images)  # the static weights
         test = meter.test_outputs(ev, chosen)
-        dyn, final = meter.row("searched + fine-tuned", ev, chosen, test)
+        dyn, final = meter.row("shipped: static network (fallback)" if fallback else "searched + fine-tuned",
+                               ev, chosen, test)
         rows.append(dyn)
         points = operating_points(ev.stage_outputs(chosen), test, ev.stage_costs(chosen), ev.static_accuracy, static)
-        self.save_dynamic(final)
+        self.save_dynamic(final, ev.network_for(final))
         write_json_atomic(self.run.root / "best_arch.json", final.to_dict())
         report = {
             "model": self.cfg.model, "dataset": self.cfg.dataset, "budget": self.cfg.budget, "algo": self.cfg.algo,
@@ -369,6 +375,7 @@ class Pipeline:
             "static": {k: v for k, v in static.items() if k != "macs_by_operator"},
             "static_val_accuracy": ev.static_accuracy, "dynamic": dyn, "rows": rows, "operating_points": points,
             "search": self.state.get("search", {}).get("summaries", {}), "threads": torch.get_num_threads(),
+            "fallback": fallback,
         }
         write_report(self.run.root, report, self.archive.records())
         self._done("report", report="report.md")

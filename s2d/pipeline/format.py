@@ -60,6 +60,7 @@ def report_markdown(r: dict[str, Any]) -> str:
             f"Thresholds are calibrated on validation data to stay within {r['tolerance_points']} points of the "
             f"static validation accuracy ({r['static_val_accuracy'] * 100:.2f} %)."),
         "",
+        *([f"**Fallback:** {r['fallback']}.", ""] if r.get("fallback") else []),
         "| network | test acc (%) | Δ points | avg MACs (M) | MAC ratio | exit rates | latency b1 ratio "
         "| throughput b256 ratio |",
         "|---|---|---|---|---|---|---|---|",

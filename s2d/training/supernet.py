@@ -8,7 +8,6 @@ fine-tune, with distillation from the static model's logits.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,22 +161,3 @@ def probe(supernet: SuperNet, archs: list[MultiStageArch], data: Dataset, *, dev
             out[f"arch{i}_stage{s + 1}"] = v
     return out
 
-
-def time_training_step(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, arch: MultiStageArch,
-                       batch_size: int, *, bn: str = "batch", device: str = "cpu", repeats: int = 4) -> float:
-    """Median seconds of one ``train_archs`` step on ``arch`` (teacher forward, stage forwards, backward),
-    without changing any weight: sizes a wall-clock training budget. Batch-norm buffers this touches are
-    re-estimated per arch before any evaluation."""
-    supernet.to(device).train(bn == "batch")
-    teacher.to(device).eval()
-    x, y = next(iter(Batches(data.train, data.info, batch_size, shuffle=True, augment=True, seed=1, device=device)))
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        with torch.no_grad():
-            target = teacher(x)
-        outs = supernet.forward_stages(x, arch)
-        sum(distillation_loss(o, target, y, 2.0, 0.7) for o in outs).backward()
-        times.append(time.perf_counter() - t)
-    supernet.zero_grad(set_to_none=True)
-    return float(np.median(times[1:]))
