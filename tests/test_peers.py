@@ -152,7 +152,9 @@ def _fake_conversion(root: Path, data: Dataset, *, dynamic: bool) -> dict:
                    "mac_ratio": 0.4, "exit_rates": [0.3, 0.7]}]
     report = {"model": "resnet20", "dataset": "fashion-mnist", "tolerance_points": 0.5,
               "static": {"test_accuracy": static_acc, "test_images": TEST_IMAGES, "macs": macs},
-              "static_val_accuracy": static_acc, "dynamic": dyn, "rows": [depth, dyn], "operating_points": points}
+              "static_val_accuracy": static_acc, "dynamic": dyn, "rows": [depth, dyn], "operating_points": points,
+              "budget_points": [{"target_mac_ratio": 0.25, "thresholds": [0.5], "test_accuracy": dyn_acc - 0.002,
+                                 "average_macs": 0.24 * macs, "mac_ratio": 0.24, "exit_rates": [0.8, 0.2]}]}
     write_json_atomic(root / "report.json", report)
     write_json_atomic(root / "state.json", {p: {"seconds": 30.0} for p in ("supernet", "search", "finetune",
                                                                            "report")})
@@ -173,7 +175,7 @@ def test_rows_of_every_network(peer_run):
                        parse_constant=lambda c: pytest.fail(f"peers.json holds {c}: not strict JSON"))
     assert saved["rows"] == res["rows"]
     kinds = [r["kind"] for r in res["rows"]]
-    assert kinds == ["static", "torch-pruning", "torch-pruning", "depth_only", "s2d", "s2d", "s2d", "oracle"]
+    assert kinds == ["static", "torch-pruning", "torch-pruning", "depth_only", "s2d", "s2d", "s2d", "s2d", "oracle"]
     assert res["peer_seconds"] == 2.0 and res["peer_seconds_source"] == "--peer-seconds"
     assert res["conversion_seconds"] == pytest.approx(120.0) and "state.json" in res["conversion_seconds_source"]
     assert res["test_images"] == TEST_IMAGES
@@ -190,7 +192,12 @@ def test_rows_of_every_network(peer_run):
         assert tp["accuracy_delta_points"] == pytest.approx((tp["test_accuracy"] - static["test_accuracy"]) * 100)
         assert (root / "peers" / f"tp_{peers.ratio_key(target)}.pt").exists()
         assert any((root / "tensorboard" / f"peers_{peers.ratio_key(target)}").iterdir())
-    depth, searched, p05, p10, oracle = res["rows"][3:]
+    depth, searched, p05, p10, budget4, oracle = res["rows"][3:]
+    assert budget4["name"] == "s2d @ budget 4x" and budget4["mac_ratio"] == 0.24
+    assert budget4["test_accuracy"] == report["budget_points"][0]["test_accuracy"]
+    v4 = next(v for v in res["verdicts"] if v["peer"] == "Torch-Pruning 1/4")
+    if budget4["mac_ratio"] <= tp4["mac_ratio"]:  # the budget point is the only s2d point that cheap
+        assert v4["s2d_point"] == "s2d @ budget 4x"
     assert (depth["throughput_ratio"], depth["speed_source"], depth["cost_seconds"]) == (1.5, "report", None)
     assert (searched["throughput_ratio"], searched["cost_seconds"]) == (2.1, pytest.approx(120.0))
     for row, point in ((p05, report["operating_points"][0]), (p10, report["operating_points"][1])):

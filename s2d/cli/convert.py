@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in
+from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in, positive_int
 
 
 def config_from_args(args: argparse.Namespace):
@@ -16,7 +16,8 @@ def config_from_args(args: argparse.Namespace):
                          budget=args.budget, tolerance=args.tolerance, objective=args.objective,
                          search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
                          importance=args.importance, target_mac_ratio=args.target_mac_ratio,
-                         seed=args.seed,
+                         target_macs=args.target_macs,
+                         confidence=args.confidence, calib_size=args.calib_size, seed=args.seed,
                          val_size=args.val_size, split_seed=args.split_seed, data_dir=args.data_dir,
                          device=check_device(args.device))
 
@@ -50,6 +51,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from s2d.pipeline.convert import Pipeline
 
+    if args.seeds > 1:
+        return _convert_seeds(args)
     p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
     report = p.run_all()
     print((p.run.root / "report.md").read_text())
@@ -60,6 +63,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"`s2d export --weights {p.run.checkpoints / 'dynamic.pt'} --dataset {args.dataset} --out DIR`")
     print(f"summary: test accuracy {d['test_accuracy'] * 100:.2f} % ({d['accuracy_delta_points']:+.2f} points), "
           f"{1 / d['mac_ratio']:.2f}x fewer average MACs, throughput x{d['throughput_ratio']:.2f} (batch 256)")
+    return 0
+
+
+def _convert_seeds(args: argparse.Namespace) -> int:
+    """``--seeds N``: conversions with seeds ``--seed`` .. ``--seed + N - 1`` in ``RUN_DIR/seed-K``, then the
+    error bars (``RUN_DIR/seeds.md``). Each seed resumes on its own."""
+    from pathlib import Path
+
+    from s2d.errors import RunDirError
+    from s2d.pipeline.convert import Pipeline
+    from s2d.pipeline.seeds import write_seeds
+
+    root = Path(run_dir_from_args(args))
+    if (root / "config.yaml").exists():
+        raise RunDirError(f"{root} holds a single conversion; pass a new --run-dir for --seeds")
+    reports = {}
+    for seed in range(args.seed, args.seed + args.seeds):
+        cfg = config_from_args(args)
+        cfg.seed = seed
+        if not args.quiet:
+            print(f"seed {seed}: {root / f'seed-{seed}'}", file=sys.stderr)
+        reports[seed] = Pipeline(cfg, root / f"seed-{seed}", progress=not args.quiet).run_all()
+        if reports[seed].get("fallback"):
+            print(f"s2d: seed {seed}: {reports[seed]['fallback']}", file=sys.stderr)
+    write_seeds(root, reports, args.model, args.dataset, args.budget)
+    print((root / "seeds.md").read_text())
     return 0
 
 
@@ -82,6 +111,15 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-mac-ratio", type=float_in(0, 1, lo_open=True),
                    help="budget mode: at most this fraction of the static MACs on average (e.g. 0.25 for 4x fewer), "
                         "the most accurate network within it")
+    p.add_argument("--target-macs", type=float_in(0, float("inf"), lo_open=True, hi_open=True),
+                   help="budget mode in absolute MACs (fvcore's unit), e.g. 8e6: the most accurate network with at "
+                        "most that many MACs per image on average")
+    p.add_argument("--confidence", type=float_in(0.5, 1, hi_open=True), default=0.9,
+                   help="confidence of the tolerance: the shipped thresholds keep an upper bound of the accuracy drop "
+                        "within it on the held-out calibration split (default 0.9)")
+    p.add_argument("--calib-size", type=positive_int,
+                   help="held-out images kept for certifying the chosen network's thresholds, never seen by the "
+                        "search or the fine-tune (default: half of --val-size)")
     p.add_argument("--search-thresholds", action="store_true",
                    help="search exit thresholds with the arch (EDANAS) instead of calibrating them")
     p.add_argument("--max-stages", type=int, choices=(2, 3, 4), default=4)
@@ -99,6 +137,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="static CNN -> searched dynamic network (supernet, search, fine-tune, report)")
     common_args(p)
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="repeat the conversion with this many seeds (RUN_DIR/seed-K) and report mean ± std "
+                        "(RUN_DIR/seeds.md)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("supernet", help="train the weight-sharing supernet of a model (resumable)")
     common_args(p)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from s2d.data import Batches, DatasetInfo, Split
-from s2d.transform.exit_rule import confidence, exit_rates, exit_stages
+from s2d.transform.exit_rule import exit_rates, exit_stages
 
 if TYPE_CHECKING:
     from s2d.transform.arch import MultiStageArch
@@ -79,5 +79,5 @@ def stage_outputs(supernet: SuperNet, arch: MultiStageArch, split: Split, info: 
     supernet.eval()
     logits = stage_logits(lambda x: supernet.forward_stages(x, arch), split, info, device=device,
                           batch_size=batch_size)
-    conf = torch.stack([confidence(arch.exit_rule, lg) for lg in logits])
+    conf = torch.stack([arch.confidence(s, lg) for s, lg in enumerate(logits)])
     return StageOutputs(conf, logits.argmax(-1) == split.labels[None])

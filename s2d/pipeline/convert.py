@@ -19,13 +19,15 @@ from typing import Any
 import torch
 
 from s2d import checkpoint
-from s2d.data import Batches, Dataset, load_dataset
+from s2d.data import Batches, Dataset, calibration_split, default_calib_size, load_dataset
 from s2d.errors import S2DError
-from s2d.measure.accuracy import accuracy
+from s2d.measure.accuracy import accuracy, logits
 from s2d.measure.cost import static_cost
+from s2d.measure.guarantee import DEFAULT_CONFIDENCE, min_calibration_images
 from s2d.measure.network import evaluate_static
+from s2d.measure.temperature import fit_stage_temperatures
 from s2d.models.zoo import load_model
-from s2d.pipeline.report import RowMeter, operating_points, write_report
+from s2d.pipeline.report import RowMeter, ThresholdChooser, write_report
 from s2d.runs import Run, open_run, write_json_atomic
 from s2d.search.archive import Archive
 from s2d.search.evaluator import ArchEvaluator, Objective
@@ -63,7 +65,7 @@ BUDGETS = {
     "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
     # sized for ~1.5 h of ResNet-20 on one CPU thread (an evaluation is ~1 s per 1000 images)
-    "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=3000, finetune_steps=500,
+    "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,
                    batch_size=128, compare_random=True, head_images=20000, bn_images=1000, narrow_finetune_steps=4000),
 }
 
@@ -99,6 +101,9 @@ class ConvertConfig:
     bn: str = "batch"  # batch-norm statistics while training the supernet: "batch" (per arch) or "frozen"
     importance: str = "l2"  # channel order of the supernet (Torch-Pruning criterion), or "none"
     target_mac_ratio: float | None = None  # budget mode: at most this fraction of the static MACs, most accurate
+    target_macs: float | None = None  # budget mode in absolute MACs (resolved to target_mac_ratio on load)
+    confidence: float = DEFAULT_CONFIDENCE  # of the tolerance's bound on the calibration split
+    calib_size: int | None = None  # held-out images kept for the chosen network's thresholds (None: half)
     seed: int = 0
     val_size: int | None = None  # None: 10 % of the training images, at most 5000 (resolved on load)
     split_seed: int = 0
@@ -119,12 +124,15 @@ class ConvertConfig:
                            f"got {self.target_mac_ratio}")
         if self.importance not in (*CRITERIA, "none"):
             raise S2DError(f"unknown --importance {self.importance!r}; valid: {', '.join(CRITERIA)}, none")
+        if not 0.5 <= self.confidence < 1:
+            raise S2DError(f"--confidence is a probability in [0.5, 1), e.g. 0.9, got {self.confidence}")
         if not 2 <= self.max_stages <= 4:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
-            "max_stages", "bn", "importance", "target_mac_ratio", "seed", "val_size", "split_seed")
+            "max_stages", "bn", "importance", "target_mac_ratio", "target_macs", "seed", "val_size", "split_seed",
+            "confidence", "calib_size")
 
 
 class Pipeline:
@@ -138,6 +146,15 @@ class Pipeline:
         self.data = data or load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size,
                                          split_seed=cfg.split_seed)
         cfg.val_size = self.data.val_size  # the resolved default is part of the run's identity
+        self._resolve_target_macs(cfg)
+        cfg.calib_size = cfg.calib_size or default_calib_size(len(self.data.val))
+        self.search_val, self.calib = calibration_split(self.data.val, cfg.calib_size, seed=cfg.seed)
+        need = min_calibration_images(cfg.tolerance / 100)
+        if cfg.target_mac_ratio is None and len(self.calib) < need:
+            raise S2DError(f"the calibration split ({len(self.calib)} images) is too small to promise a "
+                           f"{cfg.tolerance}-point tolerance (one lost image is {100 / len(self.calib):.3g} points); "
+                           f"it needs {need} images: pass --calib-size {need} (with a --val-size that leaves it) or "
+                           f"a larger --tolerance")
         self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY)
         self.static = load_model(cfg.model, self.data.info, cfg.weights).to(cfg.device)
         self.teacher = copy.deepcopy(self.static).eval()
@@ -150,6 +167,18 @@ class Pipeline:
         self.state_path = self.run.root / "state.json"
         self._started: dict[str, float] = {}
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def _resolve_target_macs(self, cfg: ConvertConfig) -> None:
+        """``--target-macs`` is the budget in the user's unit; the pipeline works with the ratio."""
+        if cfg.target_macs is None:
+            return
+        if cfg.target_mac_ratio is not None:
+            raise S2DError("give --target-macs or --target-mac-ratio, not both")
+        macs = static_cost(load_model(cfg.model, self.data.info, cfg.weights), self.data.info).total_macs
+        if not 0 < cfg.target_macs <= macs:
+            raise S2DError(f"--target-macs {cfg.target_macs:.4g} is outside (0, {macs:.4g}], the static "
+                           f"{cfg.model}'s MACs (fvcore); e.g. --target-macs {macs / 4:.4g} for 4x fewer")
+        cfg.target_mac_ratio = cfg.target_macs / macs
 
     def new_supernet(self) -> SuperNet:
         """A supernet of the static model; with ``bn == "batch"`` every arch gets its own BN statistics,
@@ -233,17 +262,35 @@ class Pipeline:
             self._full_width = sn
         return self._full_width
 
-    def evaluator(self, val_images: int | None, *, full_width: bool = True) -> ArchEvaluator:
-        """Scores archs on validation images; ``full_width=False`` scores every arch with ``self.supernet``
-        as it is (the fine-tuned network in the report)."""
-        val = self.data.val.subset(val_images)
+    def evaluator(self, val_images: int | None, *, full_width: bool = True, calibration: bool = False
+                  ) -> ArchEvaluator:
+        """Scores archs on the search's validation images (``calibration``: on the calibration split);
+        ``full_width=False`` scores every arch with ``self.supernet`` as it is (the fine-tuned network)."""
+        val = (self.calib if calibration else self.search_val).subset(val_images)
         static_val = accuracy(self.static, val, self.data.info, device=self.cfg.device)
         return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_val,
                              static_macs=static_cost(self.static, self.data.info).total_macs,
                              objective=self.objective(),
-                             archive=self.archive if val_images == self.budget.search_val_images else None,
+                             archive=self.archive if val_images == self.budget.search_val_images and not calibration
+                             else None,
                              device=self.cfg.device,
                              full_width=self.full_width_supernet() if full_width else None)
+
+    def threshold_chooser(self, *, full_width: bool) -> ThresholdChooser:
+        """Thresholds of the report's rows: a sequence from the search's validation images, certified on
+        the calibration split (or the budget's setting there)."""
+        calib = self.evaluator(None, full_width=full_width, calibration=True)
+        static_correct = logits(self.static, self.calib, self.data.info, device=self.cfg.device).argmax(1) \
+            == self.calib.labels
+        return ThresholdChooser(self.evaluator(self.budget.report_val_images, full_width=full_width), calib,
+                                static_correct, confidence=self.cfg.confidence,
+                                tolerance_points=None if self.cfg.target_mac_ratio is not None else self.cfg.tolerance)
+
+    def _with_temperatures(self, chooser: ThresholdChooser, arch: MultiStageArch) -> MultiStageArch:
+        """Per-exit temperatures fitted on the search's validation images (not the calibration split, which
+        must stay untouched until the thresholds are certified on it)."""
+        return fit_stage_temperatures(chooser.val.network_for(arch), arch, chooser.val.val, self.data.info,
+                                      device=self.cfg.device)
 
     def objective(self) -> Objective:
         """``--target-mac-ratio`` asks the budget question; otherwise the configured objective."""
@@ -265,8 +312,8 @@ class Pipeline:
         best = choose_arch(main, must_meet=must_meet) or choose_arch(records, must_meet=must_meet)
         fallback = None
         if best is None:
-            fallback = (f"no searched arch kept the {self.cfg.tolerance}-point tolerance on validation data; "
-                        "the static network is shipped unchanged (try --budget full or a larger --tolerance)")
+            fallback = (f"no searched arch kept the {self.cfg.tolerance}-point tolerance on validation data "
+                        "(try --budget full or a larger --tolerance)")
             best = {"arch": static_arch().to_dict(), "fallback": True}
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
@@ -350,30 +397,42 @@ class Pipeline:
         static = evaluate_static(self.static, self.data, device=device, limit=self.budget.test_limit)
         meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit)
         self.load_supernet()
-        ev = self.evaluator(self.budget.report_val_images)
-        rows = [meter.row(f"{name} (supernet)", ev, arch)[0] for name, arch in self.space.baselines().items()]
+        chooser = self.threshold_chooser(full_width=True)
+        baselines = self.space.baselines()
+        rows = [meter.row(f"{name} (supernet)", chooser, arch)[0] for name, arch in baselines.items()]
+        depth_only = rows[list(baselines).index("depth_only")]
         chosen = self.chosen_arch()
-        rows.append(meter.row("searched (supernet)", ev, chosen)[0])
+        rows.append(meter.row("searched (supernet)", chooser, chosen)[0])
         self.load_finetuned()
-        ev = self.evaluator(self.budget.report_val_images, full_width=False)
+        chooser = self.threshold_chooser(full_width=False)
+        chosen = self._with_temperatures(chooser, chosen)
         fallback = self.state.get("search", {}).get("fallback")
-        if self.cfg.target_mac_ratio is None and not fallback and not ev.evaluate(chosen).meets_target:
-            fallback = (f"the fine-tuned network misses the {self.cfg.tolerance}-point tolerance on validation "
-                        "data; the static network is shipped unchanged (try --budget full or a larger --tolerance)")
-        if fallback:
-            chosen, ev = static_arch(), self.evaluator(self.budget.report_val_images)  # the static weights
-        test = meter.test_outputs(ev, chosen)
-        dyn, final = meter.row("shipped: static network (fallback)" if fallback else "searched + fine-tuned",
-                               ev, chosen, test)
+        if self.cfg.target_mac_ratio is None and not fallback and chooser.choose(chosen)[1] is None:
+            fallback = (f"the fine-tuned network cannot be shown to keep the {self.cfg.tolerance}-point tolerance "
+                        f"at {self.cfg.confidence:.0%} confidence on the calibration split (try --budget full or a "
+                        "larger --tolerance)")
+        name = "searched + fine-tuned"
+        if fallback:  # the cheapest network that keeps the promise: depth-only exits on the static weights, or it
+            certified = depth_only["certificate"] is not None and depth_only["mac_ratio"] < 1
+            chosen = baselines["depth_only"] if certified else static_arch()
+            name = f"shipped: {'depth-only exits on the static network' if certified else 'static network'} (fallback)"
+            fallback += f"; shipped: {name.removeprefix('shipped: ').removesuffix(' (fallback)')}"
+            chooser = self.threshold_chooser(full_width=True)  # the static weights (and linear-probe heads)
+            chosen = self._with_temperatures(chooser, chosen)
+        test = meter.test_outputs(chooser.calib, chosen)
+        dyn, final = meter.row(name, chooser, chosen, test)
         rows.append(dyn)
-        points = operating_points(ev.stage_outputs(chosen), test, ev.stage_costs(chosen), ev.static_accuracy, static)
-        self.save_dynamic(final, ev.network_for(final))
+        points = chooser.operating_points(chosen, test, static)
+        budget_points = chooser.budget_points(final, test, static)
+        self.save_dynamic(final, chooser.calib.network_for(final))
         write_json_atomic(self.run.root / "best_arch.json", final.to_dict())
         report = {
             "model": self.cfg.model, "dataset": self.cfg.dataset, "budget": self.cfg.budget, "algo": self.cfg.algo,
             "tolerance_points": self.cfg.tolerance, "target_mac_ratio": self.cfg.target_mac_ratio,
             "static": {k: v for k, v in static.items() if k != "macs_by_operator"},
-            "static_val_accuracy": ev.static_accuracy, "dynamic": dyn, "rows": rows, "operating_points": points,
+            "static_val_accuracy": chooser.val.static_accuracy, "static_calib_accuracy": chooser.calib.static_accuracy,
+            "confidence": self.cfg.confidence, "calib_images": len(self.calib), "dynamic": dyn, "rows": rows,
+            "operating_points": points, "budget_points": budget_points,
             "search": self.state.get("search", {}).get("summaries", {}), "threads": torch.get_num_threads(),
             "fallback": fallback,
         }

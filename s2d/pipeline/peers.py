@@ -306,6 +306,11 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "exit_rates": point.get("exit_rates"),
                      **({k: sp[k] for k in speed_keys} if sp else dict.fromkeys(speed_keys)),
                      "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s})
+    for point in report.get("budget_points", []):  # calibrated to the MAC budgets static pruning is compared at
+        rows.append({"name": f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x", "kind": "s2d",
+                     "test_accuracy": point["test_accuracy"], "average_macs": point["average_macs"],
+                     "mac_ratio": point["mac_ratio"], "exit_rates": point.get("exit_rates"),
+                     **dict.fromkeys(speed_keys), "speed_source": None, "cost_seconds": conversion_s})
     if measured.get("available"):
         o = measured["oracle"]
         rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle", **o,

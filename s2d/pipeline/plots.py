@@ -23,10 +23,10 @@ def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> 
     ax.scatter([s["macs"] / 1e6], [report["static_val_accuracy"] * 100], marker="*", s=160, color="black",
                label="static model")
     markers = {"depth_only (supernet)": "s", "width_only (supernet)": "^", "static (supernet)": "D",
-               "searched (supernet)": "o", "searched + fine-tuned": "P", "shipped: static network (fallback)": "X"}
+               "searched (supernet)": "o", "searched + fine-tuned": "P"}
     for row in report["rows"]:
-        ax.scatter([row["val_average_macs"] / 1e6], [row["val_accuracy"] * 100], marker=markers.get(row["name"], "h"),
-                   s=70, edgecolor="black", label=row["name"])
+        ax.scatter([row["calib_average_macs"] / 1e6], [row["calib_accuracy"] * 100],
+                   marker=markers.get(row["name"], "h"), s=70, edgecolor="black", label=row["name"])
     ax.axhline((report["static_val_accuracy"] - report["tolerance_points"] / 100) * 100, ls="--", lw=0.8,
                color="tab:red", label="tolerance")
     ax.set_xlabel("average MACs (M, fvcore)")

@@ -12,12 +12,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from s2d.data import Dataset
 from s2d.measure.accuracy import StageOutputs, stage_outputs
-from s2d.measure.calibration import calibrate_thresholds
+from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thresholds
 from s2d.measure.cost import average_macs
+from s2d.measure.guarantee import Certificate, certify, threshold_sequence
 from s2d.measure.network import dynamic_figures
 from s2d.measure.timing import deployable
 from s2d.pipeline.format import report_markdown
@@ -27,6 +29,7 @@ from s2d.search.evaluator import ArchEvaluator, Evaluation
 from s2d.transform.arch import MultiStageArch
 
 TOLERANCES = (0.1, 0.2, 0.5, 1.0)  # accuracy points of the operating points
+BUDGET_RATIOS = (1 / 2, 1 / 3, 1 / 4)  # average-MAC budgets of the budget points (static pruning's 2x, 3x, 4x)
 
 
 def _row(name: str, arch: MultiStageArch, val: Evaluation, test: dict[str, Any],
@@ -36,28 +39,80 @@ def _row(name: str, arch: MultiStageArch, val: Evaluation, test: dict[str, Any],
     return {
         "name": name,
         "arch": arch.to_dict(),
-        "val_accuracy": val.accuracy,
-        "val_average_macs": val.average_macs,
+        "calib_accuracy": val.accuracy,
+        "calib_average_macs": val.average_macs,
         **{k: test[k] for k in keep},
         "mac_ratio": test["average_macs"] / static["macs"],
         "accuracy_delta_points": (test["test_accuracy"] - static["test_accuracy"]) * 100,
     }
 
 
-def operating_points(val: StageOutputs, test: StageOutputs, costs: list[float], static_val_accuracy: float,
-                     static: dict[str, Any]) -> list[dict[str, Any]]:
-    """The chosen network at other accuracy tolerances: thresholds re-calibrated on validation
-    outputs for each, then applied to the test outputs (the decisions ``DynamicNet`` takes)."""
-    out = []
-    for tol in TOLERANCES:
-        thresholds = calibrate_thresholds(val, costs, static_val_accuracy - tol / 100)[0]
-        rates = test.exit_rates(thresholds)
-        acc = test.accuracy(thresholds)
-        avg = average_macs(costs, rates)
-        out.append({"tolerance_points": tol, "thresholds": thresholds, "test_accuracy": acc,
-                    "accuracy_delta_points": (acc - static["test_accuracy"]) * 100, "average_macs": avg,
-                    "mac_ratio": avg / static["macs"], "exit_rates": rates})
-    return out
+class ThresholdChooser:
+    """Thresholds of a report row, from held-out data only.
+
+    Tolerance mode: the fixed sequence of candidate settings comes from the search's validation
+    images, and the setting is certified on the calibration split (``measure.guarantee``). Budget
+    mode: the most accurate setting within the MAC budget on the calibration split.
+    """
+
+    def __init__(self, val: ArchEvaluator, calib: ArchEvaluator, static_correct: torch.Tensor, *,
+                 tolerance_points: float | None, confidence: float) -> None:
+        self.val, self.calib, self.static_correct = val, calib, static_correct
+        self.tolerance_points, self.confidence = tolerance_points, confidence
+
+    def choose(self, arch: MultiStageArch, tolerance_points: float | None = None
+               ) -> tuple[MultiStageArch, Certificate | None]:
+        """``arch`` with its thresholds, and the certificate (``None`` in budget mode, or when not even
+        running every sample to the last stage keeps the tolerance: that arch cannot keep the promise)."""
+        tol = self.tolerance_points if tolerance_points is None else tolerance_points
+        if tol is None:
+            return arch.with_thresholds(self.calib.evaluate(arch).thresholds), None
+        seq = threshold_sequence(self.val.stage_outputs(arch), self.val.stage_costs(arch), self.val.static_accuracy,
+                                 tol / 100)
+        cert = certify(seq, self.calib.stage_outputs(arch), self.static_correct, tol / 100, self.confidence)
+        return arch.with_thresholds(cert.thresholds if cert else seq[0]), cert
+
+    def operating_points(self, arch: MultiStageArch, test: StageOutputs, static: dict[str, Any]
+                         ) -> list[dict[str, Any]]:
+        """The chosen network at other tolerances: certified thresholds applied to the test outputs (the
+        decisions ``DynamicNet`` takes), beside the in-sample calibration on the same calibration images
+        (what the guarantee costs in MACs, and what it buys in test drop)."""
+        costs = self.calib.stage_costs(arch)
+        calib = self.calib.stage_outputs(arch)
+        out = []
+        for tol in TOLERANCES:
+            tuned, cert = self.choose(arch, tol)
+            in_sample = calibrate_thresholds(calib, costs, self.calib.static_accuracy - tol / 100)[0]
+            point: dict[str, Any] = {"tolerance_points": tol, "confidence": self.confidence,
+                                     "certificate": cert.to_dict() if cert else None}
+            for key, thresholds in (("", list(tuned.thresholds)), ("in_sample_", in_sample)):
+                rates = test.exit_rates(thresholds)
+                acc = test.accuracy(thresholds)
+                avg = average_macs(costs, rates)
+                point.update({f"{key}thresholds": thresholds, f"{key}test_accuracy": acc,
+                              f"{key}accuracy_delta_points": (acc - static["test_accuracy"]) * 100,
+                              f"{key}average_macs": avg, f"{key}mac_ratio": avg / static["macs"],
+                              f"{key}exit_rates": rates})
+            out.append(point)
+        return out
+
+
+    def budget_points(self, arch: MultiStageArch, test: StageOutputs, static: dict[str, Any],
+                      ratios: tuple[float, ...] = BUDGET_RATIOS) -> list[dict[str, Any]]:
+        """The chosen network at fixed average-MAC budgets (the ratios static pruning is compared at): the most
+        accurate thresholds within each budget on the calibration split, applied to the test split."""
+        costs = self.calib.stage_costs(arch)
+        calib = self.calib.stage_outputs(arch)
+        out = []
+        for ratio in ratios:
+            thresholds = calibrate_budget_thresholds(calib, costs, ratio * static["macs"])
+            rates = test.exit_rates(thresholds)
+            acc = test.accuracy(thresholds)
+            avg = average_macs(costs, rates)
+            out.append({"target_mac_ratio": ratio, "thresholds": thresholds, "test_accuracy": acc,
+                        "accuracy_delta_points": (acc - static["test_accuracy"]) * 100, "average_macs": avg,
+                        "mac_ratio": avg / static["macs"], "exit_rates": rates})
+        return out
 
 
 class RowMeter:
@@ -72,15 +127,15 @@ class RowMeter:
         return stage_outputs(ev.network_for(arch), arch, self.data.test.subset(self.limit), self.data.info,
                              device=self.device)
 
-    def row(self, name: str, ev: ArchEvaluator, arch: MultiStageArch,
+    def row(self, name: str, chooser: ThresholdChooser, arch: MultiStageArch,
             test: StageOutputs | None = None) -> tuple[dict[str, Any], MultiStageArch]:
-        """The row of ``arch`` with thresholds calibrated by ``ev`` (validation), figures on test."""
-        e = ev.evaluate(arch)
-        tuned = arch.with_thresholds(e.thresholds)
-        test = test if test is not None else self.test_outputs(ev, arch)
-        figures = dynamic_figures(ev.network_for(tuned).materialise(tuned), test, e.stage_macs, self.reference,
-                                  self.data, device=self.device, limit=self.limit)
-        return _row(name, tuned, e, figures, self.static), tuned
+        """The row of ``arch`` with thresholds from ``chooser`` (held-out data), figures on test."""
+        tuned, cert = chooser.choose(arch)
+        e = chooser.calib.evaluate(tuned)
+        test = test if test is not None else self.test_outputs(chooser.calib, arch)
+        figures = dynamic_figures(chooser.calib.network_for(tuned).materialise(tuned), test, e.stage_macs,
+                                  self.reference, self.data, device=self.device, limit=self.limit)
+        return {**_row(name, tuned, e, figures, self.static), "certificate": cert.to_dict() if cert else None}, tuned
 
 
 def write_report(run_root: Path, report: dict[str, Any], archive_records: list[dict[str, Any]]) -> None:

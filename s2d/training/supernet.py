@@ -47,6 +47,7 @@ class SupernetConfig:
     checkpoint_every: int = 50
     bn: str = "batch"  # "batch": each arch normalises with its own batch statistics; "frozen": the static ones
     largest_weight: float = 2.0  # loss weight of the largest arch (the static network) in a sandwich
+    last_stage_weight: float = 1.0  # loss weight of an arch's last stage against 1 for each earlier stage
 
 
 IDENTITY = ("model", "dataset", "weights", "batch_size", "seed", "val_size", "split_seed")
@@ -120,7 +121,8 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
                 outs = supernet.forward_stages(x, arch)
                 losses = [distillation_loss(o, target, y, cfg.distill_temperature, cfg.distill_weight)
                           for o in outs]
-                loss = sum(losses) / len(losses)
+                stage_w = [1.0] * (len(losses) - 1) + [cfg.last_stage_weight]
+                loss = sum(w * lo for w, lo in zip(stage_w, losses, strict=True)) / sum(stage_w)
                 weight = cfg.largest_weight if a == 0 and len(archs) > 1 else 1.0
                 (loss * weight / (len(archs) - 1 + cfg.largest_weight if len(archs) > 1 else 1)).backward()
                 if step % 10 == 0:

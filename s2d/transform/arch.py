@@ -13,13 +13,16 @@ is a run of layers at one resolution). Stage 1 has nothing to reuse; its flag is
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from s2d.errors import ArchError, S2DError
-from s2d.transform.exit_rule import check_thresholds
+from s2d.transform.exit_rule import check_thresholds, confidence
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
 
 WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
@@ -50,6 +53,9 @@ class MultiStageArch:
     stages: tuple[Stage, ...]
     exit_rule: str = "max_softmax"
     thresholds: tuple[float, ...] = field(default=())
+    # per-stage softmax temperatures (empty: all 1), fitted on held-out data so that a confidence means the
+    # same at every exit; exit decisions read the confidence of logits / temperature
+    temperatures: tuple[float, ...] = field(default=())
 
     @property
     def num_stages(self) -> int:
@@ -70,14 +76,26 @@ class MultiStageArch:
         return json.dumps([s.to_dict() for s in self.stages], sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [s.to_dict() for s in self.stages], "exit_rule": self.exit_rule,
-                "thresholds": list(self.thresholds)}
+        d = {"stages": [s.to_dict() for s in self.stages], "exit_rule": self.exit_rule,
+             "thresholds": list(self.thresholds)}
+        if self.temperatures:
+            d["temperatures"] = list(self.temperatures)
+        return d
+
+    def confidence(self, stage: int, logits: torch.Tensor) -> torch.Tensor:
+        """Stage ``stage``'s exit-rule confidence, after its temperature."""
+        if self.temperatures:
+            logits = logits / self.temperatures[stage]
+        return confidence(self.exit_rule, logits)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def with_thresholds(self, thresholds: list[float] | tuple[float, ...]) -> MultiStageArch:
-        return MultiStageArch(self.stages, self.exit_rule, tuple(float(t) for t in thresholds))
+        return MultiStageArch(self.stages, self.exit_rule, tuple(float(t) for t in thresholds), self.temperatures)
+
+    def with_temperatures(self, temperatures: list[float] | tuple[float, ...]) -> MultiStageArch:
+        return MultiStageArch(self.stages, self.exit_rule, self.thresholds, tuple(float(t) for t in temperatures))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MultiStageArch:
@@ -108,7 +126,12 @@ class MultiStageArch:
         if not isinstance(rule, str):
             raise ArchError(f"exit_rule must be a name, got {rule!r}")
         check_thresholds(rule, [float(t) for t in thresholds])
-        return cls(tuple(stages), rule, tuple(float(t) for t in thresholds))
+        temps = d.get("temperatures", [])
+        if not isinstance(temps, list) or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in temps
+        ) or (temps and len(temps) != len(stages)):
+            raise ArchError(f"temperatures must be a list of {len(stages)} positive numbers (one per stage)")
+        return cls(tuple(stages), rule, tuple(float(t) for t in thresholds), tuple(float(t) for t in temps))
 
     @classmethod
     def load(cls, path: str | Path) -> MultiStageArch:

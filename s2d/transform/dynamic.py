@@ -13,7 +13,6 @@ import torch
 from torch import fx, nn
 
 from s2d.transform.arch import MultiStageArch
-from s2d.transform.exit_rule import confidence
 
 StageRunner = Callable[[int, torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
 
@@ -37,7 +36,7 @@ def early_exit(run_stage: StageRunner, x: torch.Tensor, arch: MultiStageArch) ->
         if s == last:
             out[idx] = logits
             break
-        done = confidence(arch.exit_rule, logits) >= arch.thresholds[s]
+        done = arch.confidence(s, logits) >= arch.thresholds[s]
         out[idx[done]] = logits[done]
         exit_stage[idx[done]] = s
         keep = ~done

@@ -1,0 +1,120 @@
+"""The held-out calibration split and the tolerance's confidence bound (``measure.guarantee``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import beta
+
+from s2d.data import Split, calibration_split, default_calib_size
+from s2d.errors import S2DError
+from s2d.measure.accuracy import StageOutputs
+from s2d.measure.guarantee import certify, drop_upper_bound, min_calibration_images, threshold_sequence
+from s2d.transform.exit_rule import NEVER_EXIT
+
+
+def _pair(n: int, lost: int, gained: int) -> tuple[np.ndarray, np.ndarray]:
+    static = np.ones(n, dtype=bool)
+    static[:gained] = False  # the static model misses these, the dynamic one gets them
+    dynamic = static.copy()
+    dynamic[:gained] = True
+    dynamic[gained:gained + lost] = False
+    return static, dynamic
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calibration_split_is_disjoint_from_the_search_split(fmnist, seed):
+    search, calib = calibration_split(fmnist.val, default_calib_size(len(fmnist.val)), seed)
+    assert (len(search), len(calib)) == (2000, 3000)
+    as_bytes = {bytes(img.numpy()) for img in search.images}
+    assert not any(bytes(img.numpy()) in as_bytes for img in calib.images)
+    train = {bytes(img.numpy()) for img in fmnist.train.images[:20000]}
+    assert not any(bytes(img.numpy()) in train for img in calib.images[:500])  # held out from training too
+    val = {bytes(img.numpy()) for img in fmnist.val.images}
+    assert all(bytes(img.numpy()) in val for img in [*search.images[:200], *calib.images[:200]])
+    other = calibration_split(fmnist.val, 3000, seed + 1)[1]
+    assert not torch.equal(other.labels, calib.labels)  # each seed draws its own calibration split
+
+
+def test_calibration_split_refuses_an_empty_side():
+    val = Split(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    for size in (0, 10, 11):
+        with pytest.raises(S2DError, match="--calib-size"):
+            calibration_split(val, size)
+
+
+def test_bound_equals_the_union_of_clopper_pearson_bounds_by_hand():
+    static, dynamic = _pair(1000, lost=7, gained=3)
+    upper_lost = beta.ppf(0.95, 8, 993)  # one-sided bounds at risk 0.05 each (confidence 0.9 in all)
+    lower_gained = beta.ppf(0.05, 3, 998)
+    assert drop_upper_bound(static, dynamic, 0.9) == pytest.approx(upper_lost - lower_gained, rel=1e-12)
+    assert drop_upper_bound(static, static, 0.9) == pytest.approx(1 - 0.05 ** (1 / 1000))  # nothing lost yet
+    assert (static.mean() - dynamic.mean()) < drop_upper_bound(static, dynamic, 0.9)
+    net_gain = drop_upper_bound(*_pair(1000, lost=1, gained=40), 0.9)
+    assert net_gain < 0  # a network that wins enough is certified better than the static one
+
+
+def test_bound_is_monotone():
+    n = 2500
+    by_lost = [drop_upper_bound(*_pair(n, lost, 5), 0.9) for lost in range(0, 30)]
+    assert all(a < b for a, b in itertools.pairwise(by_lost))  # more lost images: higher bound
+    by_gained = [drop_upper_bound(*_pair(n, 10, gained), 0.9) for gained in range(0, 30)]
+    assert all(a > b for a, b in itertools.pairwise(by_gained))  # more gained: lower
+    by_conf = [drop_upper_bound(*_pair(n, 10, 5), c) for c in (0.5, 0.8, 0.9, 0.95, 0.99)]
+    assert all(a < b for a, b in itertools.pairwise(by_conf))  # more confidence: higher
+    # more images with the same rates: a tighter bound
+    assert drop_upper_bound(*_pair(10 * n, 100, 50), 0.9) < drop_upper_bound(*_pair(n, 10, 5), 0.9)
+
+
+def test_min_calibration_images():
+    for tol in (0.001, 0.002, 0.005):
+        n = min_calibration_images(tol)
+        # from that size on, one lost image (and nothing gained) is within the tolerance; below, it is not
+        assert drop_upper_bound(*_pair(n, 1, 0), 0.9) <= tol < drop_upper_bound(*_pair(n - 1, 1, 0), 0.9)
+    assert 900 < min_calibration_images(0.005) < 1000 < 2300 < min_calibration_images(0.002) < 3000
+    assert min_calibration_images(0.0) == 0
+
+
+def _outputs(conf: list[list[float]], correct: list[list[bool]]) -> StageOutputs:
+    return StageOutputs(torch.tensor(conf, dtype=torch.float32), torch.tensor(correct))
+
+
+def test_certify_stops_at_the_first_failure():
+    """Fixed-sequence testing: a later candidate that would pass is never reached after a failure."""
+    n = 400
+    rng = np.random.default_rng(0)
+    conf0 = rng.random(n).astype(np.float32)
+    last_ok = np.ones(n, dtype=bool)
+    first_ok = np.ones(n, dtype=bool)
+    first_ok[conf0 > 0.9] = False  # the most confident early exits are wrong
+    calib = _outputs([conf0.tolist(), [1.0] * n], [first_ok.tolist(), last_ok.tolist()])
+    static = torch.ones(n, dtype=torch.bool)
+    safe = [NEVER_EXIT]
+    bad = [0.5]  # lets the wrong, confident ones exit
+    fine = [0.95]  # would pass (few exits, some wrong)... but comes after the failure
+    cert = certify([safe, bad, fine], calib, static, tolerance=0.02, confidence=0.9)
+    assert cert is not None and cert.thresholds == safe and cert.tested == 2 and cert.calib_drop_points == 0.0
+    assert cert.bound_points == pytest.approx(100 * (1 - 0.05 ** (1 / n)))  # nothing lost of n images
+    cert = certify([safe, [2.0 / 3]], calib, static, tolerance=0.5, confidence=0.9)
+    assert cert.thresholds == [2.0 / 3] and cert.calib_drop_points > 0
+    assert cert.bound_points > cert.calib_drop_points  # the bound sits above what was observed
+    # not even the safest candidate passes: the network cannot keep the promise
+    wrong_last = _outputs([conf0.tolist(), [1.0] * n], [first_ok.tolist(), [False] * 10 + [True] * (n - 10)])
+    assert certify([safe, bad], wrong_last, static, tolerance=0.01, confidence=0.9) is None
+
+
+def test_threshold_sequence_goes_from_safe_to_aggressive():
+    n = 1000
+    rng = np.random.default_rng(1)
+    conf = rng.random((2, n)).astype(np.float32)
+    correct = np.stack([rng.random(n) < 0.5 + 0.5 * conf[0], np.ones(n, dtype=bool)])
+    val = _outputs(conf.tolist(), correct.tolist())
+    costs = [1.0, 3.0]
+    seq = threshold_sequence(val, costs, static_val_accuracy=1.0, tolerance=0.05)
+    assert seq[0] == [NEVER_EXIT] and len(seq) == len({tuple(t) for t in seq})
+    exits = [val.exit_rates(t)[0] for t in seq]
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(exits))  # cheaper and cheaper
+    assert exits[-1] > 0.3
