@@ -387,3 +387,15 @@ def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, m
     assert shipped["name"].removeprefix("shipped: ").removesuffix(" (fallback)") in err[0]
     ckpt = checkpoint.load(run / "checkpoints" / "dynamic.pt")
     assert MultiStageArch.from_dict(ckpt["arch"]).stages == MultiStageArch.from_dict(shipped["arch"]).stages
+
+
+@pytest.mark.slow
+def test_latency_budget_end_to_end(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    r, _ = s2d(*convert_args(tiny_run["model_pt"], run, "--target-latency-ms", "2.5"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert report["target_latency_ms"] == 2.5 and report["target_mac_ratio"] is None
+    plan = json.loads((run / "state.json").read_text())["latency_plan"]
+    assert plan["static_latency_ms"] > 0 and plan["mac_ratio"] == pytest.approx(min(1, 2.5 / plan["static_latency_ms"]))
+    assert "Latency budget" in (run / "report.md").read_text()

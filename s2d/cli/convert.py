@@ -16,7 +16,7 @@ def config_from_args(args: argparse.Namespace):
                          budget=args.budget, tolerance=args.tolerance, objective=args.objective,
                          search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
                          importance=args.importance, target_mac_ratio=args.target_mac_ratio,
-                         target_macs=args.target_macs,
+                         target_macs=args.target_macs, target_latency_ms=args.target_latency_ms,
                          confidence=args.confidence, calib_size=args.calib_size, seed=args.seed,
                          val_size=args.val_size, split_seed=args.split_seed, data_dir=args.data_dir,
                          device=check_device(args.device))
@@ -114,6 +114,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-macs", type=float_in(0, float("inf"), lo_open=True, hi_open=True),
                    help="budget mode in absolute MACs (fvcore's unit), e.g. 8e6: the most accurate network with at "
                         "most that many MACs per image on average")
+    p.add_argument("--target-latency-ms", type=float_in(0, float("inf"), lo_open=True, hi_open=True),
+                   help="budget mode in batch-1 milliseconds on this machine: the most accurate network whose "
+                        "average latency stays within it (the search uses the matching MAC ratio)")
     p.add_argument("--confidence", type=float_in(0.5, 1, hi_open=True), default=0.9,
                    help="confidence of the tolerance: the shipped thresholds keep an upper bound of the accuracy drop "
                         "within it on the held-out calibration split (default 0.9)")

@@ -125,3 +125,21 @@ def paired_speed(reference: Forward, candidate: Forward, inputs: torch.Tensor | 
     return PairedSpeed(batch_size=len(xs[0]), reference_ms=statistics.median(ref_t) * 1e3,
                        candidate_ms=statistics.median(cand_t) * 1e3, ratio=statistics.median(ratios),
                        repeats=len(xs))
+
+
+@torch.no_grad()
+def stage_latencies_ms(reference: Forward, stages: Sequence[Callable[..., tuple[torch.Tensor, ...]]],
+                       x: torch.Tensor, *, repeats: int = 30) -> tuple[list[float], float]:
+    """Batch-1 milliseconds of every stage (fed the cache of the stage before it), each timed paired with
+    ``reference`` on the same image: (per-stage ms, reference ms). A sample's latency is the sum over the
+    stages it runs, plus the routing between them; the static model's latency comes from the same loop,
+    so a busy machine scales both."""
+    cache: tuple[torch.Tensor, ...] = ()
+    ratios, ref_ms = [], []
+    for stage in stages:
+        p = paired_speed(reference, lambda xs, st=stage, c=cache: st(xs, *c), [x] * repeats, warmup=3)
+        ratios.append(p.ratio)
+        ref_ms.append(p.reference_ms)
+        cache = tuple(stage(x, *cache)[1:])
+    ref = statistics.median(ref_ms)
+    return [r * ref for r in ratios], ref

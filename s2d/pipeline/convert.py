@@ -26,6 +26,7 @@ from s2d.measure.cost import static_cost
 from s2d.measure.guarantee import DEFAULT_CONFIDENCE, min_calibration_images
 from s2d.measure.network import evaluate_static
 from s2d.measure.temperature import fit_stage_temperatures
+from s2d.measure.timing import deployable, measure_speed
 from s2d.models.zoo import load_model
 from s2d.pipeline.report import RowMeter, ThresholdChooser, write_report
 from s2d.runs import Run, open_run, write_json_atomic
@@ -102,6 +103,7 @@ class ConvertConfig:
     importance: str = "l2"  # channel order of the supernet (Torch-Pruning criterion), or "none"
     target_mac_ratio: float | None = None  # budget mode: at most this fraction of the static MACs, most accurate
     target_macs: float | None = None  # budget mode in absolute MACs (resolved to target_mac_ratio on load)
+    target_latency_ms: float | None = None  # budget mode in batch-1 milliseconds on this machine
     confidence: float = DEFAULT_CONFIDENCE  # of the tolerance's bound on the calibration split
     calib_size: int | None = None  # held-out images kept for the chosen network's thresholds (None: half)
     seed: int = 0
@@ -119,6 +121,8 @@ class ConvertConfig:
             raise S2DError(f"--tolerance is in accuracy points (e.g. 0.5), got {self.tolerance}")
         if self.bn not in ("batch", "frozen"):
             raise S2DError(f"unknown --bn {self.bn!r}; valid: batch, frozen")
+        if self.target_mac_ratio is not None and self.target_latency_ms is not None:
+            raise S2DError("give one budget: --target-macs, --target-mac-ratio or --target-latency-ms")
         if self.target_mac_ratio is not None and not 0 < self.target_mac_ratio <= 1:
             raise S2DError(f"--target-mac-ratio is a fraction of the static MACs in (0, 1], "
                            f"got {self.target_mac_ratio}")
@@ -132,7 +136,7 @@ class ConvertConfig:
 
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
             "max_stages", "bn", "importance", "target_mac_ratio", "target_macs", "seed", "val_size", "split_seed",
-            "confidence", "calib_size")
+            "confidence", "calib_size", "target_latency_ms")
 
 
 class Pipeline:
@@ -150,7 +154,7 @@ class Pipeline:
         cfg.calib_size = cfg.calib_size or default_calib_size(len(self.data.val))
         self.search_val, self.calib = calibration_split(self.data.val, cfg.calib_size, seed=cfg.seed)
         need = min_calibration_images(cfg.tolerance / 100)
-        if cfg.target_mac_ratio is None and len(self.calib) < need:
+        if not self.budget_mode and len(self.calib) < need:
             raise S2DError(f"the calibration split ({len(self.calib)} images) is too small to promise a "
                            f"{cfg.tolerance}-point tolerance (one lost image is {100 / len(self.calib):.3g} points); "
                            f"it needs {need} images: pass --calib-size {need} (with a --val-size that leaves it) or "
@@ -168,12 +172,29 @@ class Pipeline:
         self._started: dict[str, float] = {}
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
 
+    @property
+    def budget_mode(self) -> bool:
+        """A cost budget (MACs or latency), not an accuracy tolerance, is the promise."""
+        return self.cfg.target_mac_ratio is not None or self.cfg.target_latency_ms is not None
+
+    def _latency_mac_ratio(self) -> float:
+        """The search's MAC-ratio stand-in for ``--target-latency-ms``: the target over the static model's
+        batch-1 latency, measured once and kept in ``state.json`` (a resumed search keeps its objective).
+        The chosen network's thresholds then meet the latency itself, from measured stage latencies."""
+        if "latency_plan" not in self.state:
+            x = next(iter(Batches(self.search_val.subset(1), self.data.info, 1, device=self.cfg.device)))[0]
+            static_ms = measure_speed(deployable(copy.deepcopy(self.static)), x, repeats=50).per_batch_ms
+            self.state["latency_plan"] = {"static_latency_ms": static_ms,
+                                          "mac_ratio": min(1.0, self.cfg.target_latency_ms / static_ms)}
+            write_json_atomic(self.state_path, self.state)
+        return self.state["latency_plan"]["mac_ratio"]
+
     def _resolve_target_macs(self, cfg: ConvertConfig) -> None:
         """``--target-macs`` is the budget in the user's unit; the pipeline works with the ratio."""
         if cfg.target_macs is None:
             return
-        if cfg.target_mac_ratio is not None:
-            raise S2DError("give --target-macs or --target-mac-ratio, not both")
+        if cfg.target_mac_ratio is not None or cfg.target_latency_ms is not None:
+            raise S2DError("give one budget: --target-macs, --target-mac-ratio or --target-latency-ms")
         macs = static_cost(load_model(cfg.model, self.data.info, cfg.weights), self.data.info).total_macs
         if not 0 < cfg.target_macs <= macs:
             raise S2DError(f"--target-macs {cfg.target_macs:.4g} is outside (0, {macs:.4g}], the static "
@@ -284,7 +305,10 @@ class Pipeline:
             == self.calib.labels
         return ThresholdChooser(self.evaluator(self.budget.report_val_images, full_width=full_width), calib,
                                 static_correct, confidence=self.cfg.confidence,
-                                tolerance_points=None if self.cfg.target_mac_ratio is not None else self.cfg.tolerance)
+                                tolerance_points=None if self.budget_mode else self.cfg.tolerance,
+                                latency_ms=self.cfg.target_latency_ms,
+                                reference=deployable(copy.deepcopy(self.static)) if self.cfg.target_latency_ms
+                                else None)
 
     def _with_temperatures(self, chooser: ThresholdChooser, arch: MultiStageArch) -> MultiStageArch:
         """Per-exit temperatures fitted on the search's validation images (not the calibration split, which
@@ -294,8 +318,9 @@ class Pipeline:
 
     def objective(self) -> Objective:
         """``--target-mac-ratio`` asks the budget question; otherwise the configured objective."""
-        if self.cfg.target_mac_ratio is not None:
-            return Objective("budget", self.cfg.tolerance / 100, target_ratio=self.cfg.target_mac_ratio)
+        if self.budget_mode:
+            ratio = self.cfg.target_mac_ratio if self.cfg.target_mac_ratio is not None else self._latency_mac_ratio()
+            return Objective("budget", self.cfg.tolerance / 100, target_ratio=ratio)
         return Objective(self.cfg.objective, self.cfg.tolerance / 100)
 
     def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
@@ -308,7 +333,7 @@ class Pipeline:
                                    seed=self.cfg.seed, progress=self.progress) for a in algos}
         records = self.archive.records()
         main = [r for r in records if r.get("searcher") == self.cfg.algo] or records
-        must_meet = self.cfg.target_mac_ratio is None
+        must_meet = not self.budget_mode
         best = choose_arch(main, must_meet=must_meet) or choose_arch(records, must_meet=must_meet)
         fallback = None
         if best is None:
@@ -407,7 +432,7 @@ class Pipeline:
         chooser = self.threshold_chooser(full_width=False)
         chosen = self._with_temperatures(chooser, chosen)
         fallback = self.state.get("search", {}).get("fallback")
-        if self.cfg.target_mac_ratio is None and not fallback and chooser.choose(chosen)[1] is None:
+        if not self.budget_mode and not fallback and chooser.choose(chosen)[1] is None:
             fallback = (f"the fine-tuned network cannot be shown to keep the {self.cfg.tolerance}-point tolerance "
                         f"at {self.cfg.confidence:.0%} confidence on the calibration split (try --budget full or a "
                         "larger --tolerance)")
@@ -429,6 +454,7 @@ class Pipeline:
         report = {
             "model": self.cfg.model, "dataset": self.cfg.dataset, "budget": self.cfg.budget, "algo": self.cfg.algo,
             "tolerance_points": self.cfg.tolerance, "target_mac_ratio": self.cfg.target_mac_ratio,
+            "target_latency_ms": self.cfg.target_latency_ms,
             "static": {k: v for k, v in static.items() if k != "macs_by_operator"},
             "static_val_accuracy": chooser.val.static_accuracy, "static_calib_accuracy": chooser.calib.static_accuracy,
             "confidence": self.cfg.confidence, "calib_images": len(self.calib), "dynamic": dyn, "rows": rows,
