@@ -244,7 +244,8 @@ def test_torn_search_log_line_is_ignored_and_appends_survive(net, tmp_path):
 # ------------------------------------------------------------------ the convert pipeline, tiny budget
 
 def test_pipeline_supernet_and_search_phases(tmp_path, tiny_run, quick_data, monkeypatch):
-    cfg = ConvertConfig(weights=str(tiny_run["model_pt"]), budget="tiny", val_size=quick_data.val_size)
+    # a wide tolerance: every arch keeps it (the tiny model is weak), and 300 calibration images can certify it
+    cfg = ConvertConfig(weights=str(tiny_run["model_pt"]), budget="tiny", val_size=quick_data.val_size, tolerance=50)
     p = Pipeline(cfg, tmp_path, progress=False, data=quick_data)
     p.supernet_phase()
     ckpt = tmp_path / "checkpoints" / "supernet.pt"
@@ -316,4 +317,6 @@ def test_the_chosen_arch_keeps_the_tolerance_when_any_does():
     recs = [{"key": "near", "reward": 0.54, "meets_target": False}, {"key": "ok", "reward": 0.44, "meets_target": True},
             {"key": "ok2", "reward": 0.40, "meets_target": True}]
     assert choose_arch(recs)["key"] == "ok"
-    assert choose_arch([r for r in recs if not r["meets_target"]])["key"] == "near"  # none keeps it: best reward
+    infeasible = [r for r in recs if not r["meets_target"]]
+    assert choose_arch(infeasible) is None  # none keeps the tolerance: the caller ships one that does
+    assert choose_arch(infeasible, must_meet=False)["key"] == "near"  # budget mode: the nearest
