@@ -12,6 +12,8 @@ from scipy.stats import beta
 from s2d.data import Split, calibration_split, default_calib_size
 from s2d.errors import S2DError
 from s2d.measure.accuracy import StageOutputs
+from s2d.measure.calibration import budget_frontier, calibrate_budget_thresholds
+from s2d.measure.cost import average_macs
 from s2d.measure.guarantee import certify, drop_upper_bound, min_calibration_images, threshold_sequence
 from s2d.transform.exit_rule import NEVER_EXIT
 
@@ -113,8 +115,10 @@ def test_threshold_sequence_goes_from_safe_to_aggressive():
     correct = np.stack([rng.random(n) < 0.5 + 0.5 * conf[0], np.ones(n, dtype=bool)])
     val = _outputs(conf.tolist(), correct.tolist())
     costs = [1.0, 3.0]
-    seq = threshold_sequence(val, costs, static_val_accuracy=1.0, tolerance=0.05)
-    assert seq[0] == [NEVER_EXIT] and len(seq) == len({tuple(t) for t in seq})
-    exits = [val.exit_rates(t)[0] for t in seq]
-    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(exits))  # cheaper and cheaper
-    assert exits[-1] > 0.3
+    seq = threshold_sequence(val, costs, steps=20)
+    assert seq[0] == [NEVER_EXIT] and len(seq) == len({tuple(t) for t in seq}) > 10
+    cost = [average_macs(costs, val.exit_rates(t)) for t in seq]
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(cost))  # cheaper and cheaper
+    assert cost[0] == pytest.approx(4.0) and cost[-1] < 1.3
+    budgets = np.linspace(4.0, 1.0, 21)[1:].tolist()
+    assert budget_frontier(val, costs, budgets) == [calibrate_budget_thresholds(val, costs, b) for b in budgets]

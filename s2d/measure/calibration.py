@@ -113,6 +113,31 @@ def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_mac
     return cheapest[2], -cheapest[1], cheapest[0]
 
 
+def budget_frontier(outputs: StageOutputs, costs: list[float], budgets: list[float], grid: int = 40
+                    ) -> list[list[float]]:
+    """:func:`calibrate_budget` for many budgets in one pass over the candidate settings: for each budget,
+    the most accurate thresholds whose average MACs on these samples fit it (the cheapest setting when none
+    does), snapped to float32. Walking the budgets down walks the accuracy-cost frontier."""
+    if len(costs) == 1:
+        return [[] for _ in budgets]
+    limits = np.asarray(budgets, dtype=np.float64) * (1 + 1e-12)
+    best: list[tuple[float, float, list[float]] | None] = [None] * len(budgets)  # (-acc, cost, thresholds)
+    cheapest: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
+    for acc, cost, settings in _settings(outputs.confidence, outputs.correct, costs, grid):
+        order = np.lexsort((cost, -acc))  # most accurate first, the cheaper of equals first
+        i = int(np.lexsort((-acc, cost))[0])
+        if cheapest is None or (cost[i], -acc[i]) < cheapest[:2]:
+            cheapest = (float(cost[i]), float(-acc[i]), settings[i])
+        for b, limit in enumerate(limits):
+            fits = order[cost[order] <= limit]
+            if len(fits):
+                j = int(fits[0])
+                if best[b] is None or (-acc[j], cost[j]) < best[b][:2]:
+                    best[b] = (float(-acc[j]), float(cost[j]), settings[j])
+    assert cheapest is not None
+    return [float32_thresholds(b[2] if b is not None else cheapest[2]) for b in best]
+
+
 def calibrate_thresholds(outputs: StageOutputs, costs: list[float], min_accuracy: float) -> tuple[list[float], float]:
     """:func:`calibrate` on one arch's stage outputs, thresholds snapped to float32 (as they are compared)."""
     thresholds, cost = calibrate(outputs.confidence, outputs.correct, costs, min_accuracy)

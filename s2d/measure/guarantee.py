@@ -27,7 +27,7 @@ import torch
 from scipy.stats import beta
 
 from s2d.measure.accuracy import StageOutputs
-from s2d.measure.calibration import calibrate_thresholds
+from s2d.measure.calibration import budget_frontier
 from s2d.transform.exit_rule import NEVER_EXIT
 
 DEFAULT_CONFIDENCE = 0.9
@@ -69,14 +69,14 @@ def _one_lost(n: int) -> tuple[np.ndarray, np.ndarray]:
     return static, dynamic
 
 
-def threshold_sequence(val: StageOutputs, costs: list[float], static_val_accuracy: float, tolerance: float,
-                       steps: int = 12) -> list[list[float]]:
-    """Candidate settings from the validation split, safest first: every sample to the last stage, then
-    the cheapest setting within 0, ``tolerance/4``, ... up to twice ``tolerance`` on validation data.
-    Chosen without the calibration split, so testing them there in this order is a fixed sequence."""
+def threshold_sequence(val: StageOutputs, costs: list[float], steps: int = 40) -> list[list[float]]:
+    """Candidate settings from the validation split, safest first: every sample to the last stage, then the
+    most accurate setting on validation data within an average-MAC budget that falls in ``steps`` even steps
+    to the cheapest stage's cost. Fine steps matter: testing stops at the first failure. Chosen without the
+    calibration split, so testing them there in this order is a fixed sequence."""
     seq = [[NEVER_EXIT] * (val.num_stages - 1)]
-    for t in np.linspace(0, 2 * tolerance, steps + 1):
-        thresholds = calibrate_thresholds(val, costs, static_val_accuracy - float(t))[0]
+    budgets = np.linspace(sum(costs), costs[0], steps + 1)[1:].tolist()
+    for thresholds in budget_frontier(val, costs, budgets):
         if thresholds not in seq:
             seq.append(thresholds)
     return seq

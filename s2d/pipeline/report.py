@@ -72,8 +72,7 @@ class ThresholdChooser:
             return arch.with_thresholds(self._latency_thresholds(arch)), None
         if tol is None:
             return arch.with_thresholds(self.calib.evaluate(arch).thresholds), None
-        seq = threshold_sequence(self.val.stage_outputs(arch), self.val.stage_costs(arch), self.val.static_accuracy,
-                                 tol / 100)
+        seq = threshold_sequence(self.val.stage_outputs(arch), self.val.stage_costs(arch))
         cert = certify(seq, self.calib.stage_outputs(arch), self.static_correct, tol / 100, self.confidence)
         return arch.with_thresholds(cert.thresholds if cert else seq[0]), cert
 
