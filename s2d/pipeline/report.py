@@ -48,6 +48,17 @@ def _row(name: str, arch: MultiStageArch, val: Evaluation, test: dict[str, Any],
     }
 
 
+def _test_figures(test: StageOutputs, costs: list[float], thresholds: list[float], static: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """What ``thresholds`` do on the test outputs (the decisions ``DynamicNet`` takes)."""
+    rates = test.exit_rates(thresholds)
+    acc = test.accuracy(thresholds)
+    avg = average_macs(costs, rates)
+    return {"thresholds": thresholds, "test_accuracy": acc,
+            "accuracy_delta_points": (acc - static["test_accuracy"]) * 100, "average_macs": avg,
+            "mac_ratio": avg / static["macs"], "exit_rates": rates}
+
+
 class ThresholdChooser:
     """Thresholds of a report row, from held-out data only.
 
@@ -62,6 +73,14 @@ class ThresholdChooser:
         self.val, self.calib, self.static_correct = val, calib, static_correct
         self.tolerance_points, self.confidence = tolerance_points, confidence
         self.latency_ms, self.reference = latency_ms, reference
+        self._outputs: dict[tuple[str, str], StageOutputs] = {}
+
+    def outputs(self, split: str, arch: MultiStageArch) -> StageOutputs:
+        """Stage outputs of ``arch`` on ``"val"`` or ``"calib"``, computed once per (split, arch, temperatures)."""
+        key = (split, arch.key() + str(arch.temperatures))
+        if key not in self._outputs:
+            self._outputs[key] = (self.val if split == "val" else self.calib).stage_outputs(arch)
+        return self._outputs[key]
 
     def choose(self, arch: MultiStageArch, tolerance_points: float | None = None
                ) -> tuple[MultiStageArch, Certificate | None]:
@@ -72,8 +91,8 @@ class ThresholdChooser:
             return arch.with_thresholds(self._latency_thresholds(arch)), None
         if tol is None:
             return arch.with_thresholds(self.calib.evaluate(arch).thresholds), None
-        seq = threshold_sequence(self.val.stage_outputs(arch), self.val.stage_costs(arch))
-        cert = certify(seq, self.calib.stage_outputs(arch), self.static_correct, tol / 100, self.confidence)
+        seq = threshold_sequence(self.outputs("val", arch), self.val.stage_costs(arch))
+        cert = certify(seq, self.outputs("calib", arch), self.static_correct, tol / 100, self.confidence)
         return arch.with_thresholds(cert.thresholds if cert else seq[0]), cert
 
     def _latency_thresholds(self, arch: MultiStageArch) -> list[float]:
@@ -84,7 +103,7 @@ class ThresholdChooser:
         x1 = next(iter(Batches(self.calib.val.subset(1), self.calib.info, 1, device=self.calib.device)))[0]
         assert self.reference is not None, "a latency budget needs the static model to time against"
         costs, _ = stage_latencies_ms(self.reference, list(net.stages), x1)
-        return calibrate_budget_thresholds(self.calib.stage_outputs(arch), costs, self.latency_ms)
+        return calibrate_budget_thresholds(self.outputs("calib", arch), costs, self.latency_ms)
 
     def operating_points(self, arch: MultiStageArch, test: StageOutputs, static: dict[str, Any]
                          ) -> list[dict[str, Any]]:
@@ -92,7 +111,7 @@ class ThresholdChooser:
         decisions ``DynamicNet`` takes), beside the in-sample calibration on the same calibration images
         (what the guarantee costs in MACs, and what it buys in test drop)."""
         costs = self.calib.stage_costs(arch)
-        calib = self.calib.stage_outputs(arch)
+        calib = self.outputs("calib", arch)
         out = []
         for tol in TOLERANCES:
             tuned, cert = self.choose(arch, tol)
@@ -100,33 +119,19 @@ class ThresholdChooser:
             point: dict[str, Any] = {"tolerance_points": tol, "confidence": self.confidence,
                                      "certificate": cert.to_dict() if cert else None}
             for key, thresholds in (("", list(tuned.thresholds)), ("in_sample_", in_sample)):
-                rates = test.exit_rates(thresholds)
-                acc = test.accuracy(thresholds)
-                avg = average_macs(costs, rates)
-                point.update({f"{key}thresholds": thresholds, f"{key}test_accuracy": acc,
-                              f"{key}accuracy_delta_points": (acc - static["test_accuracy"]) * 100,
-                              f"{key}average_macs": avg, f"{key}mac_ratio": avg / static["macs"],
-                              f"{key}exit_rates": rates})
+                point.update({f"{key}{k}": v for k, v in _test_figures(test, costs, thresholds, static).items()})
             out.append(point)
         return out
-
 
     def budget_points(self, arch: MultiStageArch, test: StageOutputs, static: dict[str, Any],
                       ratios: tuple[float, ...] = BUDGET_RATIOS) -> list[dict[str, Any]]:
         """The chosen network at fixed average-MAC budgets (the ratios static pruning is compared at): the most
         accurate thresholds within each budget on the calibration split, applied to the test split."""
         costs = self.calib.stage_costs(arch)
-        calib = self.calib.stage_outputs(arch)
-        out = []
-        for ratio in ratios:
-            thresholds = calibrate_budget_thresholds(calib, costs, ratio * static["macs"])
-            rates = test.exit_rates(thresholds)
-            acc = test.accuracy(thresholds)
-            avg = average_macs(costs, rates)
-            out.append({"target_mac_ratio": ratio, "thresholds": thresholds, "test_accuracy": acc,
-                        "accuracy_delta_points": (acc - static["test_accuracy"]) * 100, "average_macs": avg,
-                        "mac_ratio": avg / static["macs"], "exit_rates": rates})
-        return out
+        calib = self.outputs("calib", arch)
+        return [{"target_mac_ratio": ratio, **_test_figures(
+                    test, costs, calibrate_budget_thresholds(calib, costs, ratio * static["macs"]), static)}
+                for ratio in ratios]
 
 
 class RowMeter:
@@ -145,7 +150,7 @@ class RowMeter:
             test: StageOutputs | None = None) -> tuple[dict[str, Any], MultiStageArch]:
         """The row of ``arch`` with thresholds from ``chooser`` (held-out data), figures on test."""
         tuned, cert = chooser.choose(arch)
-        e = chooser.calib.evaluate(tuned)
+        e = chooser.calib.score(tuned, chooser.outputs("calib", tuned), chooser.calib.stage_costs(tuned))
         test = test if test is not None else self.test_outputs(chooser.calib, arch)
         figures = dynamic_figures(chooser.calib.network_for(tuned).materialise(tuned), test, e.stage_macs,
                                   self.reference, self.data, device=self.device, limit=self.limit)
