@@ -255,9 +255,9 @@ def test_killed_run_continues_from_its_checkpoint(peer_run, fmnist, monkeypatch)
 def test_without_a_dynamic_checkpoint_the_oracle_is_not_available(tmp_path, fmnist):
     _fake_conversion(tmp_path, fmnist, dynamic=False)
     res = run_peers(tmp_path, ratios=(), data=fmnist, **QUICK)
-    assert [r["kind"] for r in res["rows"]] == ["static", "depth_only", "s2d", "s2d"]
+    assert [r["kind"] for r in res["rows"]] == ["static", "depth_only", "s2d", "s2d", "s2d"]
     assert res["oracle"] == {"available": False, "reason": f"{tmp_path / 'checkpoints' / 'dynamic.pt'} is missing"}
-    point = res["rows"][-1]
+    point = res["rows"][-2]
     assert point["throughput_ratio"] is None and point["speed_source"] is None  # no figure is made up
     assert res["verdicts"] == []
     md = (tmp_path / "peers" / "peers.md").read_text()
