@@ -1,7 +1,8 @@
 """``s2d/MultiStage-v0``: build one ``MultiStageArch`` per episode, one decision per step.
 
-Step 0 picks the number of stages; then, per stage, its width, its exit point, one
-feature-reuse flag per section and (optionally) its exit threshold. Actions are
+Step 0 picks the number of stages; then, per stage, its width, its exit point (the last
+stage: whether it recomputes the static network instead), one feature-reuse flag per
+section and (optionally) its exit threshold. Actions are
 ``Discrete(max_options)``; ``action_masks()`` (for sb3-contrib's MaskablePPO) marks the
 choices that keep the arch valid, and an invalid action is mapped to the nearest valid
 one, so unmasked agents work too. The last step evaluates the arch on the validation
@@ -18,7 +19,7 @@ import numpy as np
 
 from s2d.search.space import Decision, SearchSpace
 
-KINDS = ("stages", "width", "exit", "reuse", "threshold")
+KINDS = ("stages", "width", "exit", "recompute", "reuse", "threshold")
 
 
 class MultiStageEnv(gym.Env):
@@ -30,7 +31,7 @@ class MultiStageEnv(gym.Env):
         self.render_mode = render_mode
         self.action_space = gym.spaces.Discrete(space.max_options)
         s, k = space.max_stages, space.num_sections
-        self._per_stage = 4 + k  # set?, width, exit, threshold, reuse flags
+        self._per_stage = 5 + k  # set?, width, exit, threshold, recompute, reuse flags
         size = len(KINDS) + s + k + (s + 1) + s * self._per_stage
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(size,), dtype=np.float32)
         self._reset_state()
@@ -76,8 +77,9 @@ class MultiStageEnv(gym.Env):
                 obs[base + 2] = self.chosen["exit", st] / max(1, n_e - 1)
             if ("threshold", st) in self.chosen:
                 obs[base + 3] = (self.chosen["threshold", st] + 1) / 10
+            obs[base + 4] = self.chosen.get(("recompute", st), 0)
             for sec in range(k):
-                obs[base + 4 + sec] = self.chosen.get(("reuse", st, sec), 0)
+                obs[base + 5 + sec] = self.chosen.get(("reuse", st, sec), 0)
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:

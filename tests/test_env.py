@@ -220,6 +220,8 @@ def test_invalid_action_is_mapped_to_a_valid_one(r20_graph):
     env.step(5)
     env.step(9)
     env.step(7)  # last stage at full width
+    assert inner.decision == Decision("recompute", 1)
+    env.step(0)  # reuse features (no cascade)
     # reuse flags are 0/1: 7 maps to 1 (nearest), -3 to 0
     env.step(7)
     env.step(-3)
@@ -301,7 +303,8 @@ def test_sample_is_reproducible_and_valid(r20_graph):
         arch.validate(r20_graph)
         assert 1 <= arch.num_stages <= 4 and arch.thresholds == ()
     assert {a.num_stages for a in s1} == {1, 2, 3, 4}
-    assert len({a.key() for a in s1}) > 45  # a big space: repeats are rare
+    multi = [a for a in s1 if a.num_stages > 1]  # one-stage archs are just the 8 widths
+    assert len({a.key() for a in multi}) >= 0.9 * len(multi)  # a big space: repeats are rare
 
 
 def test_sample_respects_stage_limits_and_thresholds(r20_graph):

@@ -432,10 +432,16 @@ class Pipeline:
         chooser = self.threshold_chooser(full_width=False)
         chosen = self._with_temperatures(chooser, chosen)
         fallback = self.state.get("search", {}).get("fallback")
-        if not self.budget_mode and not fallback and chooser.choose(chosen)[1] is None:
-            fallback = (f"the fine-tuned network cannot be shown to keep the {self.cfg.tolerance}-point tolerance "
-                        f"at {self.cfg.confidence:.0%} confidence on the calibration split (try --budget full or a "
-                        "larger --tolerance)")
+        if not self.budget_mode and not fallback:
+            tuned, cert = chooser.choose(chosen)
+            if cert is None:
+                fallback = (f"the fine-tuned network cannot be shown to keep the {self.cfg.tolerance}-point "
+                            f"tolerance at {self.cfg.confidence:.0%} confidence on the calibration split (try "
+                            "--budget full or a larger --tolerance)")
+            elif chooser.calib_mac_ratio(tuned) >= 1:  # e.g. a cascade whose certified setting exits nobody
+                fallback = (f"the fine-tuned network keeps the {self.cfg.tolerance}-point tolerance only with "
+                            "thresholds that save no MACs over the static network (try --budget full or a larger "
+                            "--tolerance)")
         name = "searched + fine-tuned"
         if fallback:  # the cheapest network that keeps the promise: depth-only exits on the static weights, or it
             certified = depth_only["certificate"] is not None and depth_only["mac_ratio"] < 1

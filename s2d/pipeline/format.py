@@ -28,7 +28,8 @@ def format_dynamic(d: dict[str, Any]) -> str:
     lines = ["", "dynamic network"]
     for i, (st, m, r) in enumerate(zip(stages, d["stage_macs"], d["exit_rates"], strict=True)):
         th = d["arch"]["thresholds"][i] if i < len(d["arch"]["thresholds"]) else None
-        lines.append(f"  stage {i + 1}: width {st['width']:<5} exit {st['exit']:<12} {m / 1e6:7.2f} M MACs  "
+        exit_ = "static net" if st.get("recompute") else st["exit"]  # a cascade's last stage recomputes it
+        lines.append(f"  stage {i + 1}: width {st['width']:<5} exit {exit_:<12} {m / 1e6:7.2f} M MACs  "
                      f"exits {r * 100:5.1f} %" + (f"  threshold {th:.3f}" if th is not None else ""))
     lines += [
         f"test acc     {d['test_accuracy'] * 100:.2f} % ({d['accuracy_delta'] * 100:+.2f} points vs static)",

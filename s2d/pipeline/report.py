@@ -95,6 +95,11 @@ class ThresholdChooser:
         cert = certify(seq, self.outputs("calib", arch), self.static_correct, tol / 100, self.confidence)
         return arch.with_thresholds(cert.thresholds if cert else seq[0]), cert
 
+    def calib_mac_ratio(self, arch: MultiStageArch) -> float:
+        """Average MACs of ``arch`` (with its thresholds) on the calibration split, over the static model's."""
+        e = self.calib.score(arch, self.outputs("calib", arch), self.calib.stage_costs(arch))
+        return e.average_macs / self.calib.static_macs
+
     def _latency_thresholds(self, arch: MultiStageArch) -> list[float]:
         """The most accurate thresholds whose average batch-1 latency, from stage latencies measured here
         (paired with the static model), stays within ``latency_ms`` on the calibration split."""

@@ -2,10 +2,11 @@
 
 An arch is built decision by decision: the number of stages, then for every stage its
 width, its exit point, one feature-reuse flag per section and (when thresholds are
-searched, EDANAS-style) its exit threshold. ``options(partial)`` says which choices keep
-the arch valid (widths and exits never go backwards, two stages never coincide, the last
-stage is full width at ``output``), so an agent can be masked and a sampler is uniform
-over valid choices.
+searched, EDANAS-style) its exit threshold; the last stage also chooses whether it
+recomputes the static network from the image (a cascade) instead of reusing features.
+``options(partial)`` says which choices keep the arch valid (widths and exits never go
+backwards, two stages never coincide, the last stage exits at ``output``), so an agent
+can be masked and a sampler is uniform over valid choices.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "stages" | "width" | "exit" | "reuse" | "threshold"
+    kind: str  # "stages" | "width" | "exit" | "recompute" | "reuse" | "threshold"
     stage: int  # 0-based stage index (-1 for "stages")
     section: int = -1  # for "reuse"
 
@@ -59,6 +60,8 @@ class SearchSpace:
             out.append(Decision("width", s))
             if not last:  # the last stage exits at the output
                 out.append(Decision("exit", s))
+            elif s > 0:
+                out.append(Decision("recompute", s))
             if s > 0:
                 out += [Decision("reuse", s, k) for k in range(self.num_sections)]
             if self.search_thresholds and not last:
@@ -96,8 +99,12 @@ class SearchSpace:
             w = chosen[("width", s)]
             for e in range(lowest_exit(w), n_e):
                 mask[e] = feasible(w, e)
-        elif decision.kind == "reuse":
-            mask[:2] = True
+        elif decision.kind == "reuse":  # a recomputing stage reads nothing: one canonical flag, one key
+            mask[1] = True
+            mask[0] = not chosen.get(("recompute", s), 0)
+        elif decision.kind == "recompute":  # the static network itself, after narrower stages only
+            mask[0] = True
+            mask[1] = self.widths[chosen[("width", s)]] == 1.0 and 0 <= prev_w and self.widths[prev_w] < 1.0
         elif decision.kind == "threshold":
             mask[:len(THRESHOLD_GRID)] = True
         return mask
@@ -109,7 +116,8 @@ class SearchSpace:
             width = self.widths[chosen[("width", s)]] if ("width", s) in chosen else 1.0
             exit_ = OUTPUT_EXIT if last else self.exits[chosen[("exit", s)]]
             reuse = tuple(bool(chosen.get(("reuse", s, k), 1)) for k in range(self.num_sections))
-            stages.append(Stage(width, exit_, reuse[0] if len(set(reuse)) == 1 else reuse))
+            stages.append(Stage(width, exit_, reuse[0] if len(set(reuse)) == 1 else reuse,
+                                bool(chosen.get(("recompute", s), 0))))
         thresholds = ()
         if self.search_thresholds:
             thresholds = tuple(THRESHOLD_GRID[chosen[("threshold", s)]] for s in range(num_stages - 1))

@@ -71,7 +71,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
         raise S2DError(f"unknown batch-norm mode {cfg.bn!r}; valid: batch, frozen")
     supernet.to(device).train(cfg.bn == "batch")
     teacher.to(device).eval()
-    backbone = [p for n, p in supernet.named_parameters() if not n.startswith("heads.")]
+    backbone = [p for n, p in supernet.named_parameters() if not n.startswith("heads.") and p.requires_grad]
     opt = torch.optim.SGD([{"params": backbone, "lr": cfg.lr},
                            {"params": supernet.heads.parameters(), "lr": cfg.head_lr}],
                           momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
@@ -118,7 +118,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             opt.zero_grad(set_to_none=True)
             archs = sampler(rng)
             for a, arch in enumerate(archs):
-                outs = supernet.forward_stages(x, arch)
+                outs = supernet.forward_stages(x, arch, upto=arch.trained_stages)  # a cascade's last is frozen
                 losses = [distillation_loss(o, target, y, cfg.distill_temperature, cfg.distill_weight)
                           for o in outs]
                 stage_w = [1.0] * (len(losses) - 1) + [cfg.last_stage_weight]

@@ -8,6 +8,12 @@ Example::
 
 ``reuse`` is one flag for every section or a list with one flag per section (a section
 is a run of layers at one resolution). Stage 1 has nothing to reuse; its flag is ignored.
+
+``"recompute": true`` (last stage only, full width) makes the last stage the static
+network itself, run from the image on its own untouched weights: a cascade. It costs
+the whole static network on top of the earlier stages, but an image that reaches it gets
+exactly the static prediction, so narrow early stages are never paid for with a weaker
+final stage (S2DNAS's reusing last stage lacks the blocks where old channels read new ones).
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ class Stage:
     width: float
     exit: str
     reuse: tuple[bool, ...] | bool = True
+    recompute: bool = False  # the static network from the image (last stage, full width): see the module doc
 
     def reuse_in(self, section: int) -> bool:
         return self.reuse if isinstance(self.reuse, bool) else self.reuse[section]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"width": self.width, "exit": self.exit,
-                "reuse": self.reuse if isinstance(self.reuse, bool) else list(self.reuse)}
+        d = {"width": self.width, "exit": self.exit,
+             "reuse": self.reuse if isinstance(self.reuse, bool) else list(self.reuse)}
+        if self.recompute:  # absent when off, so the keys of reusing archs stay what they were
+            d["recompute"] = True
+        return d
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,16 @@ class MultiStageArch:
     def final_width(self) -> float:
         """Width of the last stage: below 1 the arch runs a uniformly pruned network when every stage runs."""
         return self.stages[-1].width
+
+    @property
+    def is_cascade(self) -> bool:
+        """The last stage is the static network recomputed from the image (its weights are never trained)."""
+        return self.stages[-1].recompute
+
+    @property
+    def trained_stages(self) -> int:
+        """Stages whose weights a fine-tune trains: all but a recomputed static last stage."""
+        return self.num_stages - int(self.is_cascade)
 
     @property
     def is_full_width(self) -> bool:
@@ -116,7 +136,10 @@ class MultiStageArch:
                 width = float(s["width"])
             except (TypeError, ValueError):
                 raise ArchError(f"stage {i}: width must be a number, got {s['width']!r}") from None
-            stages.append(Stage(width, str(s["exit"]), reuse))
+            recompute = s.get("recompute", False)
+            if not isinstance(recompute, bool):
+                raise ArchError(f"stage {i}: recompute must be true or false, got {recompute!r}")
+            stages.append(Stage(width, str(s["exit"]), reuse, recompute))
         thresholds = d.get("thresholds", [])
         if not isinstance(thresholds, list) or not all(
             isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds
@@ -169,6 +192,12 @@ class MultiStageArch:
             if not isinstance(s.reuse, bool) and len(s.reuse) != graph.num_sections:
                 raise ArchError(f"stage {i}: reuse has {len(s.reuse)} flags but the model has "
                                 f"{graph.num_sections} sections")
+            if s.recompute and (i < len(self.stages) or i == 1 or s.width != 1.0):
+                raise ArchError(f"stage {i}: only the last stage of two or more may recompute, at width 1 "
+                                "(it is the static network itself)")
+            if s.recompute and prev_w == 1.0:
+                raise ArchError(f"stage {i}: recompute after a full-width stage {i - 1} only repeats its work; "
+                                "use reuse instead")
             prev_w, prev_e = s.width, e
         last = self.stages[-1]
         if last.exit != OUTPUT_EXIT:  # its width may be below 1: then the whole arch is a pruned network

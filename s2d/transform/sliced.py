@@ -8,6 +8,7 @@ deployment, export and FLOP counting.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -132,3 +133,24 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class FrozenModule(nn.Module):
+    """A static-network module that a stage runs but no training touches: always in eval mode (its batch
+    norm keeps the static statistics), no gradients. What a recomputing (cascade) last stage is made of."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        return super().train(False)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def materialise(self) -> nn.Module:
+        return copy.deepcopy(self.module)

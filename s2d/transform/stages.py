@@ -7,7 +7,8 @@ image and the cached features of stage ``s-1``; its outputs are its logits and t
 features later stages read. A dense conv's new channels read input channels
 ``[0, c_in)`` (reuse on, or the first stage at that node) or only the new ones
 ``[c_{s-1}(C_in), c_in)`` (reuse off); every other op is channel-wise. Earlier
-channels never read later ones, so cached features are exact.
+channels never read later ones, so cached features are exact. A recomputing last stage
+(a cascade) reads no cache: it is the static network's graph inlined on its own weights.
 
 The same graph runs with shared supernet weights (``Sliced*`` modules) for training
 and is materialised with copied weights for deployment, export and fvcore.
@@ -23,7 +24,7 @@ from torch import fx, nn
 
 from s2d.transform.arch import MultiStageArch, channels
 from s2d.transform.graph import ModelGraph, Rule, TrunkNode
-from s2d.transform.sliced import SlicedBatchNorm2d, SlicedConv2d
+from s2d.transform.sliced import FrozenModule, SlicedBatchNorm2d, SlicedConv2d
 
 
 def head_key(exit_name: str, width: float) -> str:
@@ -164,7 +165,30 @@ class _Emitter:
                 env[n] = self.g.node_copy(n, env.__getitem__)
         return env[self.graph.tail[-1]]
 
-    def emit(self, cache_out: list[str]) -> None:
+    def recompute(self, reference: nn.Module) -> None:
+        """The static network inlined from the image (no cache read), on ``reference``'s weights, so that
+        batch norm folds into its convs on materialisation like any other stage's."""
+        x = self.g.placeholder("x")
+        ref_modules = dict(reference.named_modules())
+        env: dict[fx.Node, fx.Node] = {}
+        for n in self.graph.gm.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = x
+            elif n.op == "output":
+                self.g.output((fx.node.map_arg(n.args[0], env.__getitem__),))
+            elif n.op == "call_module":
+                target = self._module(f"static_{n.target.replace('.', '_')}", FrozenModule(ref_modules[n.target]))
+                env[n] = self.g.call_module(target, fx.node.map_arg(n.args, env.__getitem__),
+                                            fx.node.map_arg(n.kwargs, env.__getitem__))
+            else:
+                env[n] = self.g.node_copy(n, env.__getitem__)
+
+    def emit(self, cache_out: list[str], reference: nn.Module | None = None) -> None:
+        if self.arch.stages[self.geo.index].recompute:
+            if reference is None:
+                raise ValueError("a recomputing stage needs the static network's weights (reference)")
+            self.recompute(reference)
+            return
         x_node = self.graph.trunk[0]
         self.new[x_node.name] = self.g.placeholder("x")
         for name in self.cache_in:
@@ -186,15 +210,17 @@ class StagePlan:
     cache_out: list[list[str]]
 
 
-def build_stages(graph: ModelGraph, arch: MultiStageArch, heads: nn.ModuleDict) -> StagePlan:
-    """Generate every stage of ``arch`` over shared weights (the supernet's)."""
+def build_stages(graph: ModelGraph, arch: MultiStageArch, heads: nn.ModuleDict,
+                 reference: nn.Module | None = None) -> StagePlan:
+    """Generate every stage of ``arch`` over shared weights (the supernet's); a recomputing last stage
+    runs on ``reference`` (the untouched static network) instead."""
     geos = geometries(graph, arch)
     order = {t.name: t.index for t in graph.trunk}
     # Pass 1: which cached nodes does each stage read directly?
     direct = []
     for geo in geos:
         em = _Emitter(graph, arch, geo, heads, [])
-        em.emit([])
+        em.emit([], reference)
         direct.append(em.reads)
     # Pass 2 (backwards): a stage must also forward the cached channels later stages need.
     cache_in: list[list[str]] = [[] for _ in geos]
@@ -208,7 +234,7 @@ def build_stages(graph: ModelGraph, arch: MultiStageArch, heads: nn.ModuleDict) 
     stages = []
     for geo in geos:
         em = _Emitter(graph, arch, geo, heads, cache_in[geo.index])
-        em.emit(cache_out[geo.index])
+        em.emit(cache_out[geo.index], reference)
         em.g.lint()
         stages.append(fx.GraphModule(em.modules, em.g, f"Stage{geo.index + 1}"))
     return StagePlan(arch, stages, cache_in, cache_out)
@@ -218,7 +244,8 @@ def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
     """A standalone copy of a stage: sliced weights copied out, batch norm folded into convs."""
     modules = {}
     for name, m in stage._modules.items():  # not named_children(): it drops modules registered twice
-        modules[name] = m.materialise() if isinstance(m, SlicedConv2d | SlicedBatchNorm2d) else copy.deepcopy(m)
+        copied = isinstance(m, SlicedConv2d | SlicedBatchNorm2d | FrozenModule)
+        modules[name] = m.materialise() if copied else copy.deepcopy(m)
     gm = fx.GraphModule(modules, copy.deepcopy(stage.graph), stage.__class__.__name__)
     gm.eval()
     if fold_bn:

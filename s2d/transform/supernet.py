@@ -4,6 +4,9 @@ Every ``MultiStageArch`` of the model is a sub-network of the supernet: its stag
 generated (``stages.build_stages``) over the shared weights, so training one arch
 trains the weights every other arch uses too.
 
+A recomputing (cascade) last stage runs ``reference``, a frozen copy of the static
+network, so training the shared weights never changes it.
+
 Batch norm: channels are sliced from the shared layers, so an arch uses the static
 model's running statistics by default. Off-diagonal blocks that an arch drops (reuse
 off, channels of later stages) shift the distribution of a layer's output, so
@@ -13,6 +16,7 @@ batches (cumulative average, as in slimmable networks) before it is materialised
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -23,7 +27,7 @@ from s2d.transform.arch import WIDTH_GRID, MultiStageArch, channels
 from s2d.transform.dynamic import DynamicNet
 from s2d.transform.exit_rule import NEVER_EXIT
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, analyze
-from s2d.transform.sliced import ExitHead
+from s2d.transform.sliced import ExitHead, FrozenModule
 from s2d.transform.stages import StagePlan, build_stages, head_key, materialise
 
 
@@ -33,6 +37,8 @@ class SuperNet(nn.Module):
         super().__init__()
         self.graph: ModelGraph = analyze(model, input_shape)
         self.static = self.graph.gm
+        # the static network as it came, for recomputing (cascade) last stages: never trained, never re-normed
+        self.reference = FrozenModule(copy.deepcopy(self.graph.gm))
         self.num_classes = num_classes
         self.widths = tuple(widths)
         heads = {}
@@ -88,7 +94,7 @@ class SuperNet(nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             self.validate(arch)
-            plan = build_stages(self.graph, arch, self.heads)
+            plan = build_stages(self.graph, arch, self.heads, self.reference.module)
             self._plans[key] = plan
             if len(self._plans) > self._plan_cache_size:
                 self._plans.popitem(last=False)
@@ -130,7 +136,7 @@ class SuperNet(nn.Module):
                     break
                 for m in bns:
                     m.momentum = 1.0 / (i + 1)  # cumulative average over the batches seen
-                self.forward_stages(x, arch)
+                self.forward_stages(x, arch, upto=arch.trained_stages)  # a recomputing stage has no own norms
         finally:
             for m, mom in zip(bns, saved, strict=True):
                 m.momentum = mom

@@ -1,0 +1,147 @@
+"""Cascade archs: a last stage that recomputes the static network from the image on its own, frozen weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_resnet20_supernet
+
+from s2d.data import DatasetInfo
+from s2d.errors import ArchError
+from s2d.measure.cost import stage_macs, static_cost
+from s2d.models import get_model
+from s2d.search.space import Decision, SearchSpace
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.export import ExportedDynamicNet, export
+from s2d.transform.supernet import SuperNet
+
+SHAPE = (1, 28, 28)
+
+
+def cascade(*narrow: tuple[float, str]) -> MultiStageArch:
+    stages = [{"width": w, "exit": e} for w, e in narrow]
+    return MultiStageArch.from_dict({"stages": [*stages, {"width": 1.0, "exit": "output", "recompute": True}]})
+
+
+@pytest.fixture(scope="module")
+def sn() -> SuperNet:
+    return random_resnet20_supernet(head_std=2.0)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def test_json_round_trip_and_keys(sn):
+    a = cascade((0.5, "output")).validate(sn.graph)
+    assert a.is_cascade and a.trained_stages == 1 and not a.is_full_width
+    d = json.loads(a.to_json())
+    assert d["stages"][1]["recompute"] is True and "recompute" not in d["stages"][0]
+    assert MultiStageArch.from_dict(d) == a
+    # a reusing arch keeps the key it had before recompute existed (archives of old runs stay valid)
+    reusing = MultiStageArch.from_dict({"stages": [{"width": 0.5, "exit": "output"}, {"width": 1.0, "exit": "output"}]})
+    assert "recompute" not in reusing.key() and reusing.key() != a.key()
+    assert not reusing.is_cascade and reusing.trained_stages == 2
+
+
+@pytest.mark.parametrize("stages, needles", [
+    ([(0.5, "output", True), (1.0, "output", False)], ["stage 1", "last stage"]),  # not the last stage
+    ([(0.25, "layer1.2", False), (0.5, "output", True)], ["stage 2", "width 1"]),  # narrow
+    ([(1.0, "layer1.2", False), (1.0, "output", True)], ["stage 2", "full-width stage 1", "reuse"]),  # redundant
+    ([(1.0, "output", True)], ["stage 1", "two or more"]),  # alone it is the static model
+])
+def test_invalid_recompute_is_refused_by_stage(sn, stages, needles):
+    a = MultiStageArch.from_dict({"stages": [{"width": w, "exit": e, "recompute": r} for w, e, r in stages]})
+    with pytest.raises(ArchError) as err:
+        a.validate(sn.graph)
+    for n in needles:
+        assert n in str(err.value), (n, str(err.value))
+    with pytest.raises(ArchError, match="recompute must be true or false"):
+        MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "output", "recompute": "yes"}]})
+
+
+@pytest.mark.parametrize("narrow", [[(0.5, "output")], [(0.25, "layer1.2"), (0.5, "layer2.2")]])
+def test_last_stage_is_the_static_model_and_earlier_stages_are_unchanged(sn, x, narrow):
+    a = cascade(*narrow).validate(sn.graph)
+    reusing = MultiStageArch.from_dict({"stages": [*({"width": w, "exit": e} for w, e in narrow),
+                                                   {"width": 1.0, "exit": "output"}]})
+    with torch.no_grad():
+        static = sn.static(x)
+        outs = sn.forward_stages(x, a)
+        ref = sn.forward_stages(x, reusing)
+    torch.testing.assert_close(outs[-1], static, atol=1e-5, rtol=0)
+    for got, want in zip(outs[:-1], ref[:-1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert sn.plan(a).cache_in[-1] == [] and sn.plan(a).cache_out[-2] == []  # reads nothing earlier stages made
+    for fold_bn in (True, False):
+        net = sn.materialise(a, fold_bn=fold_bn)
+        for got, want in zip(net.forward_all(x), outs, strict=True):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)  # folding rounds large logits
+
+
+def test_training_leaves_the_recomputed_static_network_untouched(fmnist, tmp_path):
+    from s2d.runs import Run
+    from s2d.training.supernet import SupernetConfig, train_archs
+
+    model = get_model("resnet20", 10, 1).eval()
+    sn = SuperNet(copy.deepcopy(model), SHAPE, 10)
+    a = cascade((0.5, "output")).validate(sn.graph)
+    before = {k: v.clone() for k, v in sn.reference.state_dict().items()}
+    shared = sn.static.get_submodule("layer1.0.conv1").weight.clone()
+    train_archs(sn, model, fmnist, lambda rng: [a], SupernetConfig(steps=3, batch_size=16, checkpoint_every=3),
+                Run(tmp_path), ckpt_name="ft.pt", tag="ft", progress=False)
+    after = sn.reference.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics alike
+    assert not torch.equal(shared, sn.static.get_submodule("layer1.0.conv1").weight)  # stage 1 did train
+    sn.train()
+    assert not any(m.training for m in sn.reference.modules())
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(sn.forward_stages(x, a)[-1], model(x), atol=1e-5, rtol=0)
+
+
+def test_last_stage_costs_the_static_model(sn):
+    a = cascade((0.5, "output")).validate(sn.graph)
+    reusing = MultiStageArch.from_dict({"stages": [{"width": 0.5, "exit": "output"}, {"width": 1.0, "exit": "output"}]})
+    reusing_macs, _ = stage_macs(list(sn.materialise(reusing, fold_bn=False).stages), SHAPE)
+    macs, _ = stage_macs(list(sn.materialise(a, fold_bn=False).stages), SHAPE)
+    info = DatasetInfo("fashion-mnist", 10, 1, 28, (0.5,), (0.25,), hflip=False)
+    assert macs[0] == reusing_macs[0]
+    assert macs[1] == static_cost(sn.static, info).total_macs  # the price: stage 1 is paid again
+
+
+def test_the_space_offers_recompute_only_where_it_is_valid(sn):
+    space = SearchSpace(sn.graph, max_stages=3)
+    w = {v: i for i, v in enumerate(space.widths)}
+    d = Decision("recompute", 1)
+    assert space.options(d, {("width", 0): w[0.5], ("width", 1): w[1.0]}, 2)[:2].tolist() == [True, True]
+    assert space.options(d, {("width", 0): w[1.0], ("width", 1): w[1.0]}, 2)[:2].tolist() == [True, False]
+    assert space.options(d, {("width", 0): w[0.25], ("width", 1): w[0.5]}, 2)[:2].tolist() == [True, False]
+    # a recomputing stage reads nothing, so its reuse flags take one value: one network, one key
+    reuse = Decision("reuse", 1, 0)
+    chosen = {("width", 0): w[0.5], ("width", 1): w[1.0], ("recompute", 1): 1}
+    assert space.options(reuse, chosen, 2)[:2].tolist() == [False, True]
+    assert space.options(reuse, {**chosen, ("recompute", 1): 0}, 2)[:2].tolist() == [True, True]
+    assert all(dd.kind != "recompute" for dd in space.decisions(1))  # a one-stage arch has nothing to cascade
+    rng = np.random.default_rng(0)
+    archs = [space.sample(rng) for _ in range(300)]  # build() validates every one
+    assert sum(a.is_cascade for a in archs) > 10
+
+
+def test_onnx_export_runs_the_cascade(sn, x, tmp_path):
+    a = cascade((0.5, "output")).validate(sn.graph)
+    with torch.no_grad():
+        conf = torch.softmax(sn.forward_stages(x, a)[0], 1).max(1).values.sort().values
+    net = sn.materialise(a.with_thresholds([float(conf[len(conf) // 2 - 1] + conf[len(conf) // 2]) / 2]))
+    ref_logits, ref_exit = net(x)
+    assert set(ref_exit.tolist()) == {0, 1}
+    meta = export(net, SHAPE, tmp_path, "onnx")
+    assert meta["stages"][1]["inputs"] == ["image"]
+    logits, exits = ExportedDynamicNet(tmp_path)(x)
+    assert torch.equal(exits, ref_exit)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
