@@ -389,6 +389,29 @@ def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, m
     assert MultiStageArch.from_dict(ckpt["arch"]).stages == MultiStageArch.from_dict(shipped["arch"]).stages
 
 
+def test_a_cascade_that_saves_nothing_is_not_shipped(tmp_path, tiny_run, monkeypatch, capsys):
+    """A cascade certified only with thresholds that exit nobody runs its narrow stage and then the whole
+    static network: more MACs than the static model for the same predictions. The static network ships."""
+    import s2d.pipeline.convert as convert
+    import s2d.pipeline.report as report_mod
+    from s2d.cli import main
+
+    cascade = {"stages": [{"width": 0.25, "exit": "output"}, {"width": 1.0, "exit": "output", "recompute": True}],
+               "exit_rule": "max_softmax", "thresholds": []}
+    monkeypatch.setattr(convert, "choose_arch", lambda records, must_meet=True: {"arch": cascade})
+    certify = report_mod.certify
+    monkeypatch.setattr(report_mod, "certify", lambda seq, *a, **k: certify(seq[:1], *a, **k))  # exit nobody
+    run = tmp_path / "run"
+    assert main(convert_args(tiny_run["model_pt"], run)) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "save no MACs" in err[0] and "shipped: static network" in err[0], err
+    report = json.loads((run / "report.json").read_text())
+    assert report["dynamic"]["name"] == "shipped: static network (fallback)"
+    assert report["dynamic"]["mac_ratio"] == pytest.approx(1.0)
+    assert json.loads((run / "best_arch.json").read_text())["stages"] == [
+        {"width": 1.0, "exit": "output", "reuse": True}]
+
+
 @pytest.mark.slow
 def test_latency_budget_end_to_end(tmp_path, tiny_run):
     run = tmp_path / "run"
