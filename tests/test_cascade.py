@@ -145,3 +145,18 @@ def test_onnx_export_runs_the_cascade(sn, x, tmp_path):
     logits, exits = ExportedDynamicNet(tmp_path)(x)
     assert torch.equal(exits, ref_exit)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+
+
+def test_every_search_starts_from_pruned_networks_and_their_cascades(sn):
+    space = SearchSpace(sn.graph)
+    seeds = space.seeds()
+    narrow = [w for w in space.widths if w < 1]
+    pruned = [a for a in seeds if a.num_stages == 1]
+    cascades = [a for a in seeds if a.is_cascade]
+    assert [a.stages[0].width for a in pruned] == narrow and all(a.stages[0].exit == "output" for a in pruned)
+    assert [a.stages[0].width for a in cascades] == narrow
+    assert all(a.num_stages == 2 and a.stages[0].exit == "output" for a in cascades)
+    assert space.depth_only() in seeds
+    assert len({a.key() for a in seeds}) == len(seeds)
+    # a space without one-stage archs gets no pruned networks
+    assert all(a.num_stages >= 2 for a in SearchSpace(sn.graph, min_stages=2).seeds())

@@ -377,3 +377,38 @@ def test_budget_objective_fits_the_mac_budget_and_ranks_by_accuracy(setup):
     ev = make_evaluator(setup, static_accuracy=0.5, objective=Objective("budget", target_ratio=tight, penalty=20.0))
     e = ev.evaluate(HAND_ARCH)
     assert not e.meets_target and e.reward == pytest.approx(e.accuracy - 20.0 * (e.mac_ratio - tight))
+
+
+def test_certified_tolerance_scores_what_the_report_can_certify(setup):
+    """With a confidence, the search's thresholds are the certified ones (fixed-sequence testing of the
+    drop bound against the static model), so an arch that keeps the tolerance only on average is not
+    feasible, and a feasible arch's thresholds keep the bound."""
+    from s2d.measure.guarantee import certify, drop_upper_bound, threshold_sequence
+
+    sn = setup["supernet"]
+    arch = MultiStageArch.from_dict({"stages": [{"width": 0.5, "exit": "output"},
+                                                {"width": 1.0, "exit": "output", "recompute": True}]})
+    with torch.no_grad():
+        static_correct = setup["model"](setup["x"]).argmax(1) == setup["y"]
+    static_acc = static_correct.float().mean().item()
+
+    def evaluator(tol: float, correct: torch.Tensor) -> ArchEvaluator:
+        return ArchEvaluator(sn, setup["val"], setup["info"], static_accuracy=correct.float().mean().item(),
+                             static_macs=setup["static_macs"], static_correct=correct,
+                             objective=Objective("tolerance", tol, confidence=0.9))
+
+    ev = evaluator(0.3, static_correct)
+    e = ev.evaluate(arch)
+    out, costs = ev.stage_outputs(arch), ev.stage_costs(arch)
+    cert = certify(threshold_sequence(out, costs), out, static_correct, 0.3, 0.9)
+    assert cert is not None and e.meets_target and e.thresholds == cert.thresholds
+    dyn = out.correct.gather(0, out.exits(e.thresholds)[None])[0]
+    assert drop_upper_bound(static_correct, dyn, 0.9) <= 0.3
+    assert e.reward == pytest.approx(1 - e.mac_ratio, abs=1e-9)
+    # in-sample, an arch whose average accuracy keeps the tolerance is feasible ...
+    in_sample = make_evaluator(setup, static_accuracy=static_acc, objective=Objective("tolerance", 0.3)).evaluate(arch)
+    assert in_sample.meets_target
+    # ... but a static model right on every image leaves no room for a bound within 0.1 points: not feasible,
+    # and below every feasible arch
+    strict = evaluator(0.001, torch.ones_like(static_correct)).evaluate(arch)
+    assert not strict.meets_target and strict.thresholds == [NEVER_EXIT] and strict.reward < e.reward - 1

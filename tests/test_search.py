@@ -262,8 +262,11 @@ def test_pipeline_supernet_and_search_phases(tmp_path, tiny_run, quick_data, mon
     best = json.loads((tmp_path / "best_arch.json").read_text())
     arch = MultiStageArch.from_dict(best).validate(p.supernet.graph)
     assert len(arch.thresholds) == arch.num_stages - 1  # the calibrated thresholds come along
-    ppo = [r for r in Archive(tmp_path / "archive.jsonl").records() if r["searcher"] == "ppo"]
-    assert best == max(ppo, key=lambda r: r["reward"])["arch"]
+    records = Archive(tmp_path / "archive.jsonl").records()
+    seeds = [r for r in records if r["searcher"] == "seed"]  # pruned networks, their cascades, depth-only
+    assert [r["key"] for r in seeds] == [a.key() for a in p.space.seeds()]
+    ppo = [r for r in records if r["searcher"] == "ppo"]
+    assert best == max(ppo + seeds, key=lambda r: r["reward"])["arch"]
     check_log(tmp_path, "ppo", p.budget.evaluations)
     check_log(tmp_path, "random", p.budget.evaluations)
     state_json = json.loads((tmp_path / "state.json").read_text())

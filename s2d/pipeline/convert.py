@@ -21,7 +21,7 @@ import torch
 from s2d import checkpoint
 from s2d.data import Batches, Dataset, calibration_split, default_calib_size, load_dataset
 from s2d.errors import S2DError
-from s2d.measure.accuracy import accuracy, logits
+from s2d.measure.accuracy import logits
 from s2d.measure.cost import static_cost
 from s2d.measure.guarantee import DEFAULT_CONFIDENCE, min_calibration_images
 from s2d.measure.network import evaluate_static
@@ -262,7 +262,7 @@ class Pipeline:
         if not (self.run.checkpoints / "supernet.pt").exists():  # a resumed run has its heads in the checkpoint
             init_heads(self.supernet, self.data.train.subset(self.budget.head_images), self.data.info,
                        device=self.cfg.device)
-        train_archs(self.supernet, self.teacher, self.data, self.space.sandwich(2),
+        train_archs(self.supernet, self.teacher, self.data, self.space.sandwich(),
                     self.train_config(self.budget.supernet_steps), self.run, ckpt_name="supernet.pt",
                     tag="supernet", device=self.cfg.device, progress=self.progress, probe_archs=probes)
         self._done("supernet", checkpoint="checkpoints/supernet.pt")
@@ -288,8 +288,9 @@ class Pipeline:
         """Scores archs on the search's validation images (``calibration``: on the calibration split);
         ``full_width=False`` scores every arch with ``self.supernet`` as it is (the fine-tuned network)."""
         val = (self.calib if calibration else self.search_val).subset(val_images)
-        static_val = accuracy(self.static, val, self.data.info, device=self.cfg.device)
-        return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_val,
+        static_correct = logits(self.static, val, self.data.info, device=self.cfg.device).argmax(1) == val.labels
+        return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_correct.float().mean().item(),
+                             static_correct=static_correct,
                              static_macs=static_cost(self.static, self.data.info).total_macs,
                              objective=self.objective(),
                              archive=self.archive if val_images == self.budget.search_val_images and not calibration
@@ -321,6 +322,8 @@ class Pipeline:
         if self.budget_mode:
             ratio = self.cfg.target_mac_ratio if self.cfg.target_mac_ratio is not None else self._latency_mac_ratio()
             return Objective("budget", self.cfg.tolerance / 100, target_ratio=ratio)
+        if self.cfg.objective == "tolerance":  # archs are scored by what the report can certify
+            return Objective("tolerance", self.cfg.tolerance / 100, confidence=self.cfg.confidence)
         return Objective(self.cfg.objective, self.cfg.tolerance / 100)
 
     def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
@@ -329,10 +332,12 @@ class Pipeline:
         algos = algos or [self.cfg.algo, *(["random"] if self.budget.compare_random and self.cfg.algo != "random"
                                            else [])]
         ev = self.evaluator(self.budget.search_val_images)
+        for arch in self.space.seeds():  # archived: a resumed search does not score them again
+            ev.evaluate(arch, searcher="seed")
         summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
                                    seed=self.cfg.seed, progress=self.progress) for a in algos}
         records = self.archive.records()
-        main = [r for r in records if r.get("searcher") == self.cfg.algo] or records
+        main = [r for r in records if r.get("searcher") in (self.cfg.algo, "seed")] or records
         must_meet = not self.budget_mode
         best = choose_arch(main, must_meet=must_meet) or choose_arch(records, must_meet=must_meet)
         fallback = None

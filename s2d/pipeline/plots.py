@@ -14,7 +14,7 @@ def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for searcher, colour in (("ppo", "tab:blue"), ("random", "tab:gray")):
+    for searcher, colour in (("ppo", "tab:blue"), ("random", "tab:gray"), ("seed", "tab:green")):
         pts = [r for r in records if r.get("searcher") == searcher]
         if pts:
             ax.scatter([r["average_macs"] / 1e6 for r in pts], [r["accuracy"] * 100 for r in pts], s=12,
