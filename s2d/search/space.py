@@ -149,7 +149,7 @@ class SearchSpace:
         smallest, ``pruned`` uniformly pruned networks at random narrow widths and ``random_archs`` random
         archs per batch. The pruned networks are the first stages of the cascades (and what a static pruner
         ships); a uniform draw from the space rarely trains them. Measured on ResNet-20 after 150 steps:
-        width 0.25 at the output scores 83 % on validation data against 63 % with random archs only."""
+        widths 0.25 / 0.375 at the output score 70 / 85 % on validation data, 63 / 83 % with two random archs."""
         largest, smallest = static_arch(), self.smallest()
         narrow = [w for w in self.widths if w < 1]
 
