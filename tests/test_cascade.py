@@ -160,3 +160,19 @@ def test_every_search_starts_from_pruned_networks_and_their_cascades(sn):
     assert len({a.key() for a in seeds}) == len(seeds)
     # a space without one-stage archs gets no pruned networks
     assert all(a.num_stages >= 2 for a in SearchSpace(sn.graph, min_stages=2).seeds())
+
+
+def test_the_sandwich_trains_a_pruned_network_every_batch(sn):
+    space = SearchSpace(sn.graph)
+    sample = space.sandwich()
+    rng = np.random.default_rng(0)
+    widths = set()
+    for _ in range(40):
+        largest, smallest, pruned, other = sample(rng)
+        assert largest.key() == MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "output"}]}).key()
+        assert smallest == space.smallest()
+        assert pruned.num_stages == 1 and pruned.stages[0].exit == "output" and pruned.stages[0].width < 1
+        other.validate(sn.graph)
+        widths.add(pruned.stages[0].width)
+    assert widths == {w for w in space.widths if w < 1}  # every narrow width gets trained
+    assert len(SearchSpace(sn.graph, min_stages=2).sandwich()(rng)) == 3  # no one-stage archs in that space
