@@ -1,7 +1,7 @@
 """Training a ``SuperNet``'s shared weights on archs drawn per batch.
 
 ``train_archs`` fine-tunes the shared weights on the archs a sampler draws per batch: the
-sandwich rule (largest, smallest, random) for the supernet, or one fixed arch for the final
+sandwich rule (largest, smallest, pruned, random) for the supernet, or one fixed arch for the final
 fine-tune, with distillation from the static model's logits.
 """
 
@@ -38,7 +38,6 @@ class SupernetConfig:
     lr: float = 0.01  # backbone; heads use head_lr (0.005 kept narrow archs ~4 points lower after 300 steps)
     head_lr: float = 0.05
     weight_decay: float = 5e-5
-    random_archs: int = 2  # per batch, besides the largest and the smallest (sandwich rule)
     distill_temperature: float = 2.0
     distill_weight: float = 0.7
     seed: int = 0
