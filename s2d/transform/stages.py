@@ -154,34 +154,32 @@ class _Emitter:
             key = head_key(exit_.name, self.geo.width)
             return self.g.call_module(self._module(f"head_{key}", self.heads[key]), (feats,))
         # The last stage runs the static model's own tail (pooling, flatten, classifier).
-        static_modules = dict(self.graph.gm.named_modules())
         env: dict[fx.Node, fx.Node] = {t.node: feats}
-        for n in self.graph.tail:
-            if n.op == "call_module":
-                target = self._module(f"tail_{n.target.replace('.', '_')}", static_modules[n.target])
-                env[n] = self.g.call_module(target, fx.node.map_arg(n.args, env.__getitem__),
-                                            fx.node.map_arg(n.kwargs, env.__getitem__))
-            else:
-                env[n] = self.g.node_copy(n, env.__getitem__)
+        self._inline(self.graph.tail, env, self.graph.gm, "tail")
         return env[self.graph.tail[-1]]
 
-    def recompute(self, reference: nn.Module) -> None:
-        """The static network inlined from the image (no cache read), on ``reference``'s weights, so that
-        batch norm folds into its convs on materialisation like any other stage's."""
-        x = self.g.placeholder("x")
-        ref_modules = dict(reference.named_modules())
-        env: dict[fx.Node, fx.Node] = {}
-        for n in self.graph.gm.graph.nodes:
-            if n.op == "placeholder":
-                env[n] = x
-            elif n.op == "output":
-                self.g.output((fx.node.map_arg(n.args[0], env.__getitem__),))
-            elif n.op == "call_module":
-                target = self._module(f"static_{n.target.replace('.', '_')}", FrozenModule(ref_modules[n.target]))
+    def _inline(self, nodes, env: dict[fx.Node, fx.Node], owner: nn.Module, prefix: str,
+                wrap=lambda m: m) -> None:
+        """Copy static-graph ``nodes`` into this stage (``env`` maps their inputs), calling ``owner``'s modules
+        (through ``wrap``) under ``prefix``-ed names."""
+        modules = dict(owner.named_modules())
+        for n in nodes:
+            if n.op == "call_module":
+                target = self._module(f"{prefix}_{n.target.replace('.', '_')}", wrap(modules[n.target]))
                 env[n] = self.g.call_module(target, fx.node.map_arg(n.args, env.__getitem__),
                                             fx.node.map_arg(n.kwargs, env.__getitem__))
             else:
                 env[n] = self.g.node_copy(n, env.__getitem__)
+
+    def recompute(self, reference: nn.Module) -> None:
+        """The static network inlined from the image (no cache read), on ``reference``'s frozen weights, so
+        that batch norm folds into its convs on materialisation like any other stage's."""
+        nodes = list(self.graph.gm.graph.nodes)
+        env: dict[fx.Node, fx.Node] = {n: self.g.placeholder("x") for n in nodes if n.op == "placeholder"}
+        body = [n for n in nodes if n.op not in ("placeholder", "output")]
+        self._inline(body, env, reference, "static", wrap=FrozenModule)
+        out = next(n for n in nodes if n.op == "output")
+        self.g.output((fx.node.map_arg(out.args[0], env.__getitem__),))
 
     def emit(self, cache_out: list[str], reference: nn.Module | None = None) -> None:
         if self.arch.stages[self.geo.index].recompute:
