@@ -162,17 +162,19 @@ def test_every_search_starts_from_pruned_networks_and_their_cascades(sn):
     assert all(a.num_stages >= 2 for a in SearchSpace(sn.graph, min_stages=2).seeds())
 
 
-def test_the_sandwich_trains_a_pruned_network_every_batch(sn):
+def test_the_sandwich_trains_pruned_networks_at_distinct_widths_every_batch(sn):
     space = SearchSpace(sn.graph)
-    sample = space.sandwich()
+    sample = space.sandwich(pruned=3, random_archs=1)
     rng = np.random.default_rng(0)
     widths = set()
     for _ in range(40):
-        largest, smallest, pruned, other = sample(rng)
-        assert largest.key() == MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "output"}]}).key()
-        assert smallest == space.smallest()
-        assert pruned.num_stages == 1 and pruned.stages[0].exit == "output" and pruned.stages[0].width < 1
+        *pruned, other = sample(rng)
+        assert len(pruned) == 3 and len({a.stages[0].width for a in pruned}) == 3
+        assert all(a.num_stages == 1 and a.stages[0].exit == "output" and a.stages[0].width < 1 for a in pruned)
         other.validate(sn.graph)
-        widths.add(pruned.stages[0].width)
+        widths |= {a.stages[0].width for a in pruned}
     assert widths == {w for w in space.widths if w < 1}  # every narrow width gets trained
-    assert len(SearchSpace(sn.graph, min_stages=2).sandwich()(rng)) == 3  # no one-stage archs in that space
+    largest, smallest, *rest = space.sandwich(pruned=1, anchors=True)(rng)  # BigNAS's anchors come first
+    assert largest.key() == MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "output"}]}).key()
+    assert smallest == space.smallest() and len(rest) == 2
+    assert len(SearchSpace(sn.graph, min_stages=2).sandwich()(rng)) == 1  # no one-stage archs in that space

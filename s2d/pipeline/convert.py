@@ -63,7 +63,7 @@ BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
                    final_head_images=500),
-    "small": Budget(supernet_steps=150, evaluations=40, search_val_images=2000, finetune_steps=60,
+    "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
     # sized for ~1.5 h of ResNet-20 on one CPU thread (an evaluation is ~1 s per 1000 images)
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,

@@ -1,7 +1,7 @@
 """Training a ``SuperNet``'s shared weights on archs drawn per batch.
 
 ``train_archs`` fine-tunes the shared weights on the archs a sampler draws per batch: the
-sandwich rule (largest, smallest, pruned, random) for the supernet, or one fixed arch for the final
+sandwich rule (pruned networks and random archs) for the supernet, or one fixed arch for the final
 fine-tune, with distillation from the static model's logits.
 """
 
@@ -22,7 +22,7 @@ from s2d.errors import S2DError
 from s2d.measure.accuracy import stage_logits
 from s2d.runs import Run
 from s2d.training.distill import distillation_loss
-from s2d.transform.arch import MultiStageArch
+from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.supernet import SuperNet
 
 
@@ -45,7 +45,7 @@ class SupernetConfig:
     split_seed: int = 0
     checkpoint_every: int = 50
     bn: str = "batch"  # "batch": each arch normalises with its own batch statistics; "frozen": the static ones
-    largest_weight: float = 2.0  # loss weight of the largest arch (the static network) in a sandwich
+    largest_weight: float = 2.0  # loss weight of the static network when a sampler draws it with other archs
     last_stage_weight: float = 1.0  # loss weight of an arch's last stage against 1 for each earlier stage
 
 
@@ -116,16 +116,17 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             supernet.train(cfg.bn == "batch")  # a probe may have left it in eval mode
             opt.zero_grad(set_to_none=True)
             archs = sampler(rng)
+            static_key = static_arch().key()
+            weights = [cfg.largest_weight if arch.key() == static_key and len(archs) > 1 else 1.0 for arch in archs]
             for a, arch in enumerate(archs):
                 outs = supernet.forward_stages(x, arch, upto=arch.trained_stages)  # a cascade's last is frozen
                 losses = [distillation_loss(o, target, y, cfg.distill_temperature, cfg.distill_weight)
                           for o in outs]
                 stage_w = [1.0] * (len(losses) - 1) + [cfg.last_stage_weight]
                 loss = sum(w * lo for w, lo in zip(stage_w, losses, strict=True)) / sum(stage_w)
-                weight = cfg.largest_weight if a == 0 and len(archs) > 1 else 1.0
-                (loss * weight / (len(archs) - 1 + cfg.largest_weight if len(archs) > 1 else 1)).backward()
+                (loss * weights[a] / sum(weights)).backward()
                 if step % 10 == 0:
-                    name = "arch" if len(archs) == 1 else ["largest", "smallest"][a] if a < 2 else f"random{a - 1}"
+                    name = "arch" if len(archs) == 1 else f"sample{a}"
                     for s, (o, lo) in enumerate(zip(outs, losses, strict=True)):
                         writer.add_scalar(f"{tag}/{name}_stage{s + 1}_loss", lo.item(), step)
                         writer.add_scalar(f"{tag}/{name}_stage{s + 1}_acc", (o.argmax(1) == y).float().mean().item(),
