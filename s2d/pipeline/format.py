@@ -91,7 +91,8 @@ def report_markdown(r: dict[str, Any]) -> str:
                   "| in-sample: test Δ points | in-sample: MACs fewer |",
                   "|---|---|---|---|---|---|---|"]
         for o in r["operating_points"]:
-            rates = " / ".join(f"{x * 100:.0f}" for x in o["exit_rates"])
+            rates = "static network" if o.get("static_fallback") else " / ".join(f"{x * 100:.0f}"
+                                                                                for x in o["exit_rates"])
             bound = f"{o['certificate']['bound_points']:.2f}" if o.get("certificate") else "none passes"
             lines.append(f"| {o['tolerance_points']} | {bound} | {o['accuracy_delta_points']:+.2f} | "
                          f"{1 / o['mac_ratio']:.2f}x | {rates} | {o['in_sample_accuracy_delta_points']:+.2f} | "

@@ -266,6 +266,8 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
     net = supernet.materialise(arch)
     points = []
     for point in report.get("operating_points", []):
+        if point.get("static_fallback"):  # the static network is the answer there: nothing of s2d's to time
+            continue
         net.set_thresholds(point["thresholds"])
         points.append({"tolerance_points": point["tolerance_points"],
                        "test_accuracy_here": outs.accuracy(point["thresholds"]),
@@ -300,7 +302,8 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
         else {}
     for point in report.get("operating_points", []):
         sp = speeds.get(point["tolerance_points"])
-        rows.append({"name": f"s2d @ {point['tolerance_points']} pts", "kind": "s2d",
+        name = f"s2d @ {point['tolerance_points']} pts" + (" (static network)" if point.get("static_fallback") else "")
+        rows.append({"name": name, "kind": "s2d",
                      "tolerance_points": point["tolerance_points"], "test_accuracy": point["test_accuracy"],
                      "average_macs": point["average_macs"], "mac_ratio": point["mac_ratio"],
                      "exit_rates": point.get("exit_rates"),

@@ -59,6 +59,12 @@ def _test_figures(test: StageOutputs, costs: list[float], thresholds: list[float
             "mac_ratio": avg / static["macs"], "exit_rates": rates}
 
 
+def _static_figures(static: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a point where the static network is the answer."""
+    return {"thresholds": None, "test_accuracy": static["test_accuracy"], "accuracy_delta_points": 0.0,
+            "average_macs": static["macs"], "mac_ratio": 1.0, "exit_rates": None}
+
+
 class ThresholdChooser:
     """Thresholds of a report row, from held-out data only.
 
@@ -121,10 +127,16 @@ class ThresholdChooser:
         for tol in TOLERANCES:
             tuned, cert = self.choose(arch, tol)
             in_sample = calibrate_thresholds(calib, costs, self.calib.static_accuracy - tol / 100)[0]
+            # Where no setting is certified, or the certified one saves nothing (a cascade that sends every image
+            # on pays its narrow stages on top of the static network), the answer at that tolerance is the static
+            # network itself, as for the shipped network.
+            static_fallback = cert is None or self.calib_mac_ratio(tuned) >= 1
             point: dict[str, Any] = {"tolerance_points": tol, "confidence": self.confidence,
-                                     "certificate": cert.to_dict() if cert else None}
-            for key, thresholds in (("", list(tuned.thresholds)), ("in_sample_", in_sample)):
-                point.update({f"{key}{k}": v for k, v in _test_figures(test, costs, thresholds, static).items()})
+                                     "certificate": cert.to_dict() if cert else None,
+                                     "static_fallback": static_fallback}
+            point.update(_static_figures(static) if static_fallback
+                         else _test_figures(test, costs, list(tuned.thresholds), static))
+            point.update({f"in_sample_{k}": v for k, v in _test_figures(test, costs, in_sample, static).items()})
             out.append(point)
         return out
 
