@@ -230,9 +230,21 @@ def test_calibrate_budget_matches_brute_force(seed, budget):
     fitting = [r for r in results if r[0] <= budget + 1e-9]
     assert fitting
     assert acc == pytest.approx(max(r[1] for r in fitting), abs=1e-9)
+    best = [r for r in fitting if r[1] >= acc - 1e-9]  # of equally accurate settings, the costliest
+    assert avg == pytest.approx(max(r[0] for r in best), abs=1e-9)
     ex = exit_stages(conf.double(), thresholds).numpy()
     assert avg == pytest.approx(np.cumsum(macs)[ex].mean(), abs=1e-9) and avg <= budget + 1e-9
     assert acc == pytest.approx(correct.numpy()[ex, np.arange(n)].mean(), abs=1e-9)
+
+
+def test_calibrate_budget_spends_the_budget_when_accuracy_is_flat():
+    """Stage 1 is as accurate as the last on every sample: every setting ties, and the budget is spent
+    on the later stage (closest to the static network) rather than saved."""
+    conf = torch.linspace(0.05, 0.95, 20)[None].repeat(2, 1)
+    correct = torch.ones(2, 20, dtype=torch.bool)
+    thresholds, acc, avg = calibrate_budget(conf, correct, [1.0, 3.0], 2.5, grid=20)
+    assert acc == 1.0 and avg == pytest.approx(2.5)  # half the samples go on: 1 + 3 / 2 (cheaper: all exit, 1.0)
+    assert (conf[0] >= thresholds[0]).float().mean().item() == 0.5
 
 
 def test_calibrate_budget_below_every_setting_returns_the_cheapest():

@@ -94,21 +94,26 @@ def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_mac
                      grid: int = 40) -> tuple[list[float], float, float]:
     """Budget mode: thresholds maximising accuracy subject to average MACs <= ``max_macs`` on these samples.
 
+    Of equally accurate settings the costliest within the budget: it sends more images to the later
+    stages, and those differ from the static network's predictions least. Picking the cheaper of equals
+    had the ResNet-20 cascade [0.375, static] exit 83 % of the images under a 2x budget, since calibration
+    accuracy is flat from there on: 93.44 % on test at 3.17x, against 93.49 % at 2.03x spending the budget.
+
     Returns (thresholds, accuracy, average MACs); when no setting fits the budget, the cheapest one.
     """
     if len(stage_macs) == 1:
         ok = np.asarray(correct, dtype=np.float64)
         return [], float(ok[0].mean()), float(stage_macs[0])
-    best: tuple[float, float, list[float]] | None = None  # (-acc, cost, thresholds)
+    best: tuple[float, float, list[float]] | None = None  # (-acc, -cost, thresholds)
     cheapest: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
     for acc, cost, settings in _settings(confidences, correct, stage_macs, grid):
         for a, co, thresholds in zip(acc, cost, settings, strict=True):
-            if co <= max_macs * (1 + 1e-12) and (best is None or (-a, co) < best[:2]):
-                best = (float(-a), float(co), thresholds)
+            if co <= max_macs * (1 + 1e-12) and (best is None or (-a, -co) < best[:2]):
+                best = (float(-a), float(-co), thresholds)
             if cheapest is None or (co, -a) < cheapest[:2]:
                 cheapest = (float(co), float(-a), thresholds)
     if best is not None:
-        return best[2], -best[0], best[1]
+        return best[2], -best[0], -best[1]
     assert cheapest is not None
     return cheapest[2], -cheapest[1], cheapest[0]
 
@@ -116,15 +121,16 @@ def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_mac
 def budget_frontier(outputs: StageOutputs, costs: list[float], budgets: list[float], grid: int = 40
                     ) -> list[list[float]]:
     """:func:`calibrate_budget` for many budgets in one pass over the candidate settings: for each budget,
-    the most accurate thresholds whose average MACs on these samples fit it (the cheapest setting when none
-    does), snapped to float32. Walking the budgets down walks the accuracy-cost frontier."""
+    the most accurate thresholds whose average MACs on these samples fit it, the costliest of equals (the
+    cheapest setting when none fits), snapped to float32. Walking the budgets down walks the accuracy-cost
+    frontier."""
     if len(costs) == 1:
         return [[] for _ in budgets]
     limits = np.asarray(budgets, dtype=np.float64) * (1 + 1e-12)
-    best: list[tuple[float, float, list[float]] | None] = [None] * len(budgets)  # (-acc, cost, thresholds)
+    best: list[tuple[float, float, list[float]] | None] = [None] * len(budgets)  # (-acc, -cost, thresholds)
     cheapest: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
     for acc, cost, settings in _settings(outputs.confidence, outputs.correct, costs, grid):
-        order = np.lexsort((cost, -acc))  # most accurate first, the cheaper of equals first
+        order = np.lexsort((-cost, -acc))  # most accurate first, the costlier of equals first
         i = int(np.lexsort((-acc, cost))[0])
         if cheapest is None or (cost[i], -acc[i]) < cheapest[:2]:
             cheapest = (float(cost[i]), float(-acc[i]), settings[i])
@@ -132,8 +138,8 @@ def budget_frontier(outputs: StageOutputs, costs: list[float], budgets: list[flo
             fits = order[cost[order] <= limit]
             if len(fits):
                 j = int(fits[0])
-                if best[b] is None or (-acc[j], cost[j]) < best[b][:2]:
-                    best[b] = (float(-acc[j]), float(cost[j]), settings[j])
+                if best[b] is None or (-acc[j], -cost[j]) < best[b][:2]:
+                    best[b] = (float(-acc[j]), float(-cost[j]), settings[j])
     assert cheapest is not None
     return [float32_thresholds(b[2] if b is not None else cheapest[2]) for b in best]
 
