@@ -232,6 +232,8 @@ def test_finished_peers_are_not_retrained(peer_run, fmnist, monkeypatch):
     assert again["rows"][1]["throughput_ratio"] == first["rows"][1]["throughput_ratio"]  # not re-timed
     with pytest.raises(S2DError, match="--peer-seconds 2"):  # another budget would mix two comparisons
         run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 3.0})
+    # the hint's rounded figure is the same budget
+    assert run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 2.0004})["rows"][1] == first["rows"][1]
 
 
 def test_killed_run_continues_from_its_checkpoint(peer_run, fmnist, monkeypatch):

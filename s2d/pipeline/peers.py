@@ -362,7 +362,7 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     finished = {p["key"]: p for p in done.get("peers", [])}
     for key in (ratio_key(r) for r in ratios):
         old = finished.get(key)
-        if old is not None and old["seconds_budget"] != float(seconds):
+        if old is not None and abs(old["seconds_budget"] - float(seconds)) > 0.5:  # the hint below is rounded
             raise S2DError(f"{out_path} holds the 1/{1 / old['target_ratio']:.3g} peer fine-tuned for "
                            f"{old['seconds_budget']:.0f} s, not {seconds:.0f} s; pass --peer-seconds "
                            f"{old['seconds_budget']:.6g} or delete {out_dir}")
