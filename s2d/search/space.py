@@ -156,7 +156,7 @@ class SearchSpace:
         0.25 .. 0.75, two per batch): at 120 steps per width 0.5 out-ranks 0.375, at 240 0.375 leads, as it does
         after each is fine-tuned alone for 1500 steps. No anchors by default: a cascade's last stage is the frozen
         static network, full-width archs are scored on the static weights, and every arch is distilled from
-        the static model, so the static network costs a third of each batch and buys the ranking nothing."""
+        the static model, so the static network, the costliest arch of each batch, buys the ranking nothing."""
         largest, smallest = static_arch(), self.smallest()
         narrow = [w for w in self.widths if w < 1]
 
