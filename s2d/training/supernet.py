@@ -104,6 +104,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
                                 "step": step, "steps": cfg.steps}, path)
 
     stats: dict[str, float] = {}
+    static_key = static_arch().key()  # the arch a sampler's batch weights by ``largest_weight``
     try:
         while step < cfg.steps:
             try:
@@ -116,7 +117,6 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             supernet.train(cfg.bn == "batch")  # a probe may have left it in eval mode
             opt.zero_grad(set_to_none=True)
             archs = sampler(rng)
-            static_key = static_arch().key()
             weights = [cfg.largest_weight if arch.key() == static_key and len(archs) > 1 else 1.0 for arch in archs]
             for a, arch in enumerate(archs):
                 outs = supernet.forward_stages(x, arch, upto=arch.trained_stages)  # a cascade's last is frozen
