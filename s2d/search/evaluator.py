@@ -174,11 +174,13 @@ class ArchEvaluator:
                           meets_target=meets)
 
     def archive_key(self, arch: MultiStageArch) -> str:
-        """Searched thresholds are part of the candidate; calibrated ones are not."""
+        """The network's canonical key (one per network, however it was encoded); searched thresholds are part
+        of the candidate, calibrated ones are not."""
+        arch = self.supernet.validate(arch).canonical(self.supernet.graph)
         return arch.key() + (f"|{list(arch.thresholds)}" if arch.thresholds else "")
 
     def evaluate(self, arch: MultiStageArch, searcher: str = "") -> Evaluation:
-        arch = self.supernet.validate(arch)
+        arch = self.supernet.validate(arch).canonical(self.supernet.graph)
         key = self.archive_key(arch)
         if self.archive is not None and (hit := self.archive.get(key)) is not None:
             ev = Evaluation.from_record(hit)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from s2d.transform.arch import MAX_STAGES, WIDTH_GRID, MultiStageArch, Stage, static_arch
+from s2d.transform.arch import MAX_STAGES, WIDTH_GRID, MultiStageArch, Stage, reuse_matters, static_arch
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
 
 THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
@@ -99,9 +99,11 @@ class SearchSpace:
             w = chosen[("width", s)]
             for e in range(lowest_exit(w), n_e):
                 mask[e] = feasible(w, e)
-        elif decision.kind == "reuse":  # a recomputing stage reads nothing: one canonical flag, one key
+        elif decision.kind == "reuse":  # one option where the flag changes nothing: one encoding, one key
             mask[1] = True
-            mask[0] = not chosen.get(("recompute", s), 0)
+            mask[0] = not chosen.get(("recompute", s), 0) and reuse_matters(
+                self.graph, decision.section, self.widths[prev_w], self.widths[chosen[("width", s)]],
+                self.graph.exit(self.exits[prev_e]).index)
         elif decision.kind == "recompute":  # the static network itself, after narrower stages only
             mask[0] = True
             mask[1] = self.widths[chosen[("width", s)]] == 1.0 and 0 <= prev_w and self.widths[prev_w] < 1.0
@@ -122,6 +124,29 @@ class SearchSpace:
         if self.search_thresholds:
             thresholds = tuple(THRESHOLD_GRID[chosen[("threshold", s)]] for s in range(num_stages - 1))
         return MultiStageArch(tuple(stages), self.exit_rule, thresholds).validate(self.graph)
+
+    def size(self, canonical: bool = True) -> int:
+        """Encodings in the space: with ``canonical`` as the masks allow them (one per network), else with every
+        reuse flag free as the space once had them (many encodings of one network). Counted, not enumerated:
+        reuse and threshold choices never constrain later decisions, so they multiply."""
+        def count(decisions: list[Decision], i: int, chosen: dict[tuple, int], n: int) -> int:
+            if i == len(decisions):
+                return 1
+            d = decisions[i]
+            valid = np.flatnonzero(self.options(d, chosen, n))
+            if d.kind == "reuse" and not canonical:
+                return (1 if chosen.get(("recompute", d.stage), 0) else 2) * count(decisions, i + 1, chosen, n)
+            if d.kind in ("reuse", "threshold"):
+                return len(valid) * count(decisions, i + 1, chosen, n)
+            total = 0
+            for o in valid:
+                chosen[self.key_of(d)] = int(o)
+                total += count(decisions, i + 1, chosen, n)
+            chosen.pop(self.key_of(d), None)
+            return total
+
+        stages = np.flatnonzero(self.options(Decision("stages", -1), {}, 0))
+        return sum(count(self.decisions(int(n)), 0, {}, int(n)) for n in stages)
 
     @staticmethod
     def key_of(d: Decision) -> tuple:

@@ -29,7 +29,7 @@ import torch
 
 from s2d.errors import ArchError, S2DError
 from s2d.transform.exit_rule import check_thresholds, confidence
-from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, Rule
 
 WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
 MAX_STAGES = 4
@@ -94,6 +94,20 @@ class MultiStageArch:
     def key(self) -> str:
         """Identity of the network (stages only): thresholds do not change the stage outputs."""
         return json.dumps([s.to_dict() for s in self.stages], sort_keys=True)
+
+    def canonical(self, graph: ModelGraph) -> MultiStageArch:
+        """The one encoding of this network on ``graph``: reuse flags that change nothing (the first stage's, a
+        recomputing stage's, sections where ``reuse_matters`` is false) set to true and collapsed to one flag
+        when all agree, so that two encodings of one network never get two keys (two evaluations, two
+        archive entries). Assumes a validated arch."""
+        stages, prev_w, prev_e = [], 0.0, -1
+        for i, s in enumerate(self.stages):
+            flags = [s.reuse_in(k) or i == 0 or s.recompute
+                     or not reuse_matters(graph, k, prev_w, s.width, prev_e) for k in range(graph.num_sections)]
+            reuse = flags[0] if len(set(flags)) == 1 else tuple(flags)
+            stages.append(Stage(s.width, s.exit, reuse, s.recompute))
+            prev_w, prev_e = s.width, graph.exit(s.exit).index
+        return MultiStageArch(tuple(stages), self.exit_rule, self.thresholds, self.temperatures)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"stages": [s.to_dict() for s in self.stages], "exit_rule": self.exit_rule,
@@ -203,6 +217,21 @@ class MultiStageArch:
         if last.exit != OUTPUT_EXIT:  # its width may be below 1: then the whole arch is a pruned network
             raise ArchError(f"stage {len(self.stages)} (the last) must exit at {OUTPUT_EXIT!r}, got {last.exit!r}")
         return self
+
+
+def reuse_matters(graph: ModelGraph, section: int, prev_width: float, width: float, prev_exit_index: int) -> bool:
+    """Whether a stage's reuse flag for ``section`` changes its network: only where one of the section's dense
+    convs computes new output channels at a node an earlier stage already reached (elsewhere every new channel
+    reads all input channels either way) and its input has channels of both stages to choose between."""
+    for t in graph.trunk:
+        if t.rule is not Rule.CONV or t.section != section or t.index > prev_exit_index:
+            continue
+        p = graph.by_name[t.inputs[0]]
+        if p.rule is Rule.INPUT or channels(width, t.channels) <= channels(prev_width, t.channels):
+            continue
+        if channels(prev_width, p.channels) < channels(width, p.channels):
+            return True
+    return False
 
 
 def static_arch() -> MultiStageArch:
