@@ -67,6 +67,20 @@ def test_verdicts_on_hand_made_numbers():
     assert verdicts([_row("s", "s2d", 0.9, 0.5)]) == []
 
 
+def test_verdicts_say_whether_a_gap_is_chance():
+    """Rows that carry the test images they get wrong get McNemar's p; a gap of two images is chance."""
+    peer = {**_row("TP", "torch-pruning", 0.9, 0.5), "test_wrong": list(range(100))}
+    close = {**_row("s", "s2d", 0.9 - 2 / 1000, 0.5), "test_wrong": list(range(2, 104))}
+    v = verdicts([peer, close])[0]
+    assert v["s2d_wins"] is False and v["significant"] is False and v["p_value"] > 0.5
+    assert (v["s2d_only_right"], v["peer_only_right"]) == (2, 4)
+    assert "not a significant difference" in v["line"]
+    far = {**_row("s", "s2d", 0.95, 0.5), "test_wrong": list(range(50))}
+    v = verdicts([peer, far])[0]
+    assert v["s2d_wins"] is True and v["significant"] is True and v["p_value"] < 1e-9
+    assert verdicts([_row("TP", "torch-pruning", 0.9, 0.5), close])[0]["p_value"] is None  # no errors, no test
+
+
 def test_oracle_bound_hand_made():
     correct = torch.tensor([[1, 0, 0, 0],   # stage 0
                             [1, 1, 0, 0],   # stage 1
@@ -212,6 +226,10 @@ def test_rows_of_every_network(peer_run):
     assert oracle["throughput_ratio"] is None and 0 < oracle["mac_ratio"] < 1
     assert res["oracle"]["test_accuracy"] == oracle["test_accuracy"]
     assert [v["peer"] for v in res["verdicts"]] == ["Torch-Pruning 1/2", "Torch-Pruning 1/4"]
+    # every row but the oracle's and the baseline's names the test images it gets wrong, as many as it scores
+    for row in (static, tp2, tp4, searched, p05, p10):  # (the budget point's accuracy here is hand-written)
+        assert len(row["test_wrong"]) == round((1 - row["test_accuracy"]) * TEST_IMAGES)
+    assert all(v["p_value"] is not None and 0 < v["p_value"] <= 1 for v in res["verdicts"])
     md = (root / "peers" / "peers.md").read_text()
     assert "| Torch-Pruning 1/4 |" in md and "Oracle bound:" in md and "not available" not in md
     assert all(v["line"] in md for v in res["verdicts"])
@@ -234,6 +252,18 @@ def test_finished_peers_are_not_retrained(peer_run, fmnist, monkeypatch):
         run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 3.0})
     # the hint's rounded figure is the same budget
     assert run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 2.0004})["rows"][1] == first["rows"][1]
+
+
+def test_a_peer_finished_before_errors_were_recorded_gets_them_from_its_checkpoint(peer_run, fmnist, monkeypatch):
+    root, first = peer_run["root"], peer_run["res"]
+    path = root / "peers" / "peers.json"
+    saved = json.loads(path.read_text())
+    for p in saved["peers"]:
+        del p["test_wrong"]
+    path.write_text(json.dumps(saved))
+    monkeypatch.setattr(peers, "kd_finetune", lambda *_a, **_k: pytest.fail("a finished peer was trained again"))
+    again = run_peers(root, ratios=(1 / 2, 1 / 4), data=fmnist, **QUICK)
+    assert [p["test_wrong"] for p in again["peers"]] == [p["test_wrong"] for p in first["peers"]]
 
 
 def test_killed_run_continues_from_its_checkpoint(peer_run, fmnist, monkeypatch):

@@ -34,10 +34,11 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from s2d import checkpoint
-from s2d.data import Batches, Dataset, Split, load_dataset
+from s2d.data import Batches, Dataset, DatasetInfo, Split, load_dataset
 from s2d.errors import S2DError
-from s2d.measure.accuracy import accuracy, stage_outputs
+from s2d.measure.accuracy import StageOutputs, logits, stage_outputs
 from s2d.measure.cost import stage_macs, static_cost
+from s2d.measure.significance import paired_comparison
 from s2d.measure.timing import deployable, paired_speed
 from s2d.models.zoo import load_model
 from s2d.runs import write_json_atomic, write_text_atomic
@@ -137,7 +138,8 @@ def oracle_bound(correct: torch.Tensor, stage_costs: Sequence[float], static_mac
 
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One verdict per Torch-Pruning peer: is s2d's most accurate point with at least the peer's MAC
-    reduction (``mac_ratio`` at most the peer's) at least as accurate as the peer?
+    reduction (``mac_ratio`` at most the peer's) at least as accurate as the peer? Where both rows carry
+    ``test_wrong`` (the test images each gets wrong), McNemar's exact test says whether the gap is chance.
 
     Rows of kind ``torch-pruning`` are the peers, rows of kind ``s2d`` s2d's points (searched network
     and its operating points; not the depth-only baseline, not the oracle). ``s2d_wins`` is None when
@@ -158,10 +160,19 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             diff = (best["test_accuracy"] - peer["test_accuracy"]) * 100
             line = (f"{head}: s2d {'is at least as accurate' if wins else 'is LESS accurate'} -- {best['name']} "
                     f"{best['test_accuracy'] * 100:.2f} % at {1 / best['mac_ratio']:.2f}x ({diff:+.2f} points)")
+        test = None
+        if best is not None and best.get("test_wrong") is not None and peer.get("test_wrong") is not None:
+            test = paired_comparison(best["test_wrong"], peer["test_wrong"])
+            line += (f"; McNemar p = {test.p_value:.2g} ({test.a_only} images only s2d gets right, {test.b_only} only "
+                     f"the pruned network): {'a significant' if test.significant() else 'not a significant'} "
+                     "difference at 5 %")
         out.append({"peer": peer["name"], "peer_mac_ratio": peer["mac_ratio"],
                     "peer_test_accuracy": peer["test_accuracy"], "s2d_point": best["name"] if best else None,
                     "s2d_mac_ratio": best["mac_ratio"] if best else None,
-                    "s2d_test_accuracy": best["test_accuracy"] if best else None, "s2d_wins": wins, "line": line})
+                    "s2d_test_accuracy": best["test_accuracy"] if best else None, "s2d_wins": wins,
+                    "p_value": test.p_value if test else None, "s2d_only_right": test.a_only if test else None,
+                    "peer_only_right": test.b_only if test else None,
+                    "significant": test.significant() if test else None, "line": line})
     return out
 
 
@@ -195,6 +206,33 @@ def _load_conversion(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, report
 
 
+def wrong_images(model: nn.Module, test: Split, info: DatasetInfo, *, device: str) -> list[int]:
+    """Indices of the test images ``model`` gets wrong: what a paired significance test needs."""
+    correct = logits(model, test, info, device=device).argmax(1) == test.labels
+    return torch.nonzero(~correct).flatten().tolist()
+
+
+def wrong_images_at(outs: StageOutputs, thresholds: Sequence[float]) -> list[int]:
+    """Indices of the test images a dynamic network gets wrong with early exits at ``thresholds``."""
+    correct = outs.correct.gather(0, outs.exits(list(thresholds))[None])[0]
+    return torch.nonzero(~correct).flatten().tolist()
+
+
+def _finished_peer_wrong(row: dict[str, Any], static: nn.Module, data: Dataset, test: Split, *, device: str
+                         ) -> list[int] | None:
+    """A peer finished before its errors were recorded: rebuild it from its checkpoint, if that is the network
+    whose accuracy the row reports."""
+    ckpt = Path(row.get("checkpoint", ""))
+    if not ckpt.is_file():
+        return None
+    info = data.info
+    state = checkpoint.load(ckpt)
+    student = restore_pruned(static, state["state_dict"], (info.in_channels, info.image_size, info.image_size),
+                             source=str(ckpt)).to(device).eval()
+    wrong = wrong_images(student, test, info, device=device)
+    return wrong if abs(1 - len(wrong) / len(test) - row["test_accuracy"]) < 1e-9 else None
+
+
 def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, test: Split, reference: nn.Module,
              static_macs: float, root: Path, *, device: str, progress: bool, latency_images: int, repeats: int,
              log: Log) -> dict[str, Any]:
@@ -223,7 +261,8 @@ def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, te
         ft = kd_finetune(student, static, data, seconds=seconds, checkpoint_path=ckpt, metadata=meta, writer=writer,
                          progress=progress, device=device, tag=f"peers_{key}")
         student.eval()
-        acc = accuracy(student, test, info, device=device)
+        wrong = wrong_images(student, test, info, device=device)
+        acc = 1 - len(wrong) / len(test)
         writer.add_scalar(f"peers_{key}/test_accuracy", acc, ft["steps"])
     finally:
         writer.close()
@@ -233,6 +272,7 @@ def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, te
     prune_s = float(meta.get("prune_seconds", 0.0))
     return {"name": f"Torch-Pruning 1/{1 / target:.3g}", "kind": "torch-pruning", "key": key,
             "target_ratio": target, "pruning_ratio": meta.get("pruning_ratio"), "test_accuracy": acc,
+            "test_wrong": wrong,
             "average_macs": macs, "mac_ratio": macs / static_macs,
             "params": sum(p.numel() for p in student.parameters()),
             **speed, "speed_source": "measured here", "seconds_budget": seconds, "finetune": ft,
@@ -264,23 +304,30 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
                                               f"{there}; it is not the reported network"}
     costs, _ = stage_macs(supernet.materialise(arch, fold_bn=False).stages, supernet.input_shape)
     net = supernet.materialise(arch)
+    wrong = {"dynamic": wrong_images_at(outs, arch.thresholds)}
+    for point in report.get("budget_points", []):
+        wrong[f"budget:{point['target_mac_ratio']}"] = wrong_images_at(outs, point["thresholds"])
     points = []
     for point in report.get("operating_points", []):
         if point.get("static_fallback"):  # the static network is the answer there: nothing of s2d's to time
             continue
+        wrong[f"tol:{point['tolerance_points']}"] = wrong_images_at(outs, point["thresholds"])
         net.set_thresholds(point["thresholds"])
         points.append({"tolerance_points": point["tolerance_points"],
                        "test_accuracy_here": outs.accuracy(point["thresholds"]),
                        **paired_figures(reference, net, test, data, device=device, latency_images=latency_images,
                                         repeats=repeats)})
     return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test),
-            "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points}
+            "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points,
+            "test_wrong": wrong}
 
 
 def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: float,
-                 conversion_s: float) -> list[dict[str, Any]]:
-    """The report's depth-only, searched + fine-tuned and operating-point rows, in the peers' terms."""
+                 conversion_s: float, static_wrong: list[int] | None = None) -> list[dict[str, Any]]:
+    """The report's depth-only, searched + fine-tuned and operating-point rows, in the peers' terms; s2d's rows
+    carry the test images they get wrong when the network was rebuilt here (``measured``)."""
     rows = []
+    wrong = measured.get("test_wrong", {}) if measured.get("available") else {}
     speed_keys = ("throughput_ratio", "latency_ratio")
     depth = next((r for r in report.get("rows", []) if r["name"].startswith("depth_only")), None)
     if depth is not None:
@@ -297,7 +344,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "mac_ratio": dyn["mac_ratio"], "exit_rates": dyn.get("exit_rates"),
                      **{k: dyn.get(k) for k in speed_keys},
                      "speed_source": "report" if dyn.get("throughput_ratio") is not None else None,
-                     "cost_seconds": conversion_s})
+                     "cost_seconds": conversion_s, "test_wrong": wrong.get("dynamic")})
     speeds = {p["tolerance_points"]: p for p in measured.get("operating_points", [])} if measured.get("available") \
         else {}
     for point in report.get("operating_points", []):
@@ -308,12 +355,15 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "average_macs": point["average_macs"], "mac_ratio": point["mac_ratio"],
                      "exit_rates": point.get("exit_rates"),
                      **({k: sp[k] for k in speed_keys} if sp else dict.fromkeys(speed_keys)),
-                     "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s})
+                     "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s,
+                     "test_wrong": static_wrong if point.get("static_fallback")
+                     else wrong.get(f"tol:{point['tolerance_points']}")})
     for point in report.get("budget_points", []):  # calibrated to the MAC budgets static pruning is compared at
         rows.append({"name": f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x", "kind": "s2d",
                      "test_accuracy": point["test_accuracy"], "average_macs": point["average_macs"],
                      "mac_ratio": point["mac_ratio"], "exit_rates": point.get("exit_rates"),
-                     **dict.fromkeys(speed_keys), "speed_source": None, "cost_seconds": conversion_s})
+                     **dict.fromkeys(speed_keys), "speed_source": None, "cost_seconds": conversion_s,
+                     "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
     if measured.get("available"):
         o = measured["oracle"]
         rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle", **o,
@@ -372,7 +422,8 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     test = data.test.subset(test_limit if test_limit is not None else report["static"].get("test_images"))
     static = load_model(config["model"], data.info, config.get("weights", "zoo")).to(device).eval()
     static_macs = static_cost(static, data.info).total_macs
-    static_acc = accuracy(static, test, data.info, device=device)
+    static_wrong = wrong_images(static, test, data.info, device=device)
+    static_acc = 1 - len(static_wrong) / len(test)
     if abs(static_acc - report["static"]["test_accuracy"]) > 1e-6:
         log(f"warning: the static model scores {static_acc * 100:.2f} % here, the report says "
             f"{report['static']['test_accuracy'] * 100:.2f} %; deltas are against {static_acc * 100:.2f} %")
@@ -391,6 +442,8 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
         key = ratio_key(target)
         if key in finished:
             log(f"Torch-Pruning 1/{1 / target:.3g}: finished before ({finished[key]['test_accuracy'] * 100:.2f} %)")
+            if finished[key].get("test_wrong") is None:
+                finished[key]["test_wrong"] = _finished_peer_wrong(finished[key], static, data, test, device=device)
             peers.append(finished[key])
             continue
         row = _tp_peer(target, float(seconds), static, data, test, reference, static_macs, root, device=device,
@@ -404,7 +457,7 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     measured = done.get("s2d_measured", {})
     dyn = root / "checkpoints" / "dynamic.pt"
     if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
-            and measured.get("test_images") == len(test)):  # measured once per network: re-timing adds only noise
+            and measured.get("test_images") == len(test) and "test_wrong" in measured):  # re-timing adds only noise
         log("s2d: oracle bound and operating-point speeds from checkpoints/dynamic.pt")
         measured = _s2d_measured(root, config, report, data, test, reference, static_macs, device=device,
                                  latency_images=latency_images, repeats=repeats)
@@ -413,10 +466,10 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
 
     static_row = {"name": "static", "kind": "static", "test_accuracy": static_acc, "average_macs": static_macs,
                   "mac_ratio": 1.0, "throughput_ratio": 1.0, "latency_ratio": 1.0, "speed_source": "by definition",
-                  "cost_seconds": None, "accuracy_delta_points": 0.0}
+                  "cost_seconds": None, "accuracy_delta_points": 0.0, "test_wrong": static_wrong}
     for p in peers:
         p["accuracy_delta_points"] = (p["test_accuracy"] - static_acc) * 100
-    rows = [static_row, *peers, *_report_rows(report, measured, static_acc, conversion_s)]
+    rows = [static_row, *peers, *_report_rows(report, measured, static_acc, conversion_s, static_wrong)]
     result = {"static_test_accuracy": static_acc, "static_macs": static_macs, "rows": rows,
               "verdicts": verdicts(rows),
               "oracle": measured.get("oracle") if measured.get("available") else
