@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from s2d.search.space import Decision, SearchSpace
+from s2d.search.space import Decision, SearchSpace, nearest_option
 
 KINDS = ("stages", "width", "exit", "recompute", "reuse", "threshold")
 
@@ -88,11 +88,7 @@ class MultiStageEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
-        mask = self.action_masks()
-        a = int(action)
-        if not (0 <= a < len(mask) and mask[a]):  # nearest valid choice
-            valid = np.flatnonzero(mask)
-            a = int(valid[np.argmin(np.abs(valid - a))])
+        a = nearest_option(self.action_masks(), int(action))
         d = self.queue.pop(0)
         if d.kind == "stages":
             self.num_stages = a

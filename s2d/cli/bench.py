@@ -51,9 +51,27 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search_bench(args: argparse.Namespace) -> int:
+    from s2d.pipeline.bench_search import run_search_bench
+    from s2d.pipeline.convert import ConvertConfig, Pipeline
+
+    root = run_dir_from_args(args)
+    cfg = ConvertConfig.from_run(root)
+    cfg.device = check_device(args.device)
+    algos = tuple(a.strip() for a in args.algos.split(",") if a.strip())
+    res = run_search_bench(Pipeline(cfg, root, progress=not args.quiet), algos=algos, seeds=args.seeds,
+                           evaluations=args.evaluations, progress=not args.quiet)
+    out = f"{res['run_dir']}/bench_search"
+    print((Path(out) / "search.md").read_text())
+    print(f"written: {out}/search.md, {out}/search.json, {out}/search.png")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "peers":
         return cmd_peers(args)
+    if args.what == "search":
+        return cmd_search_bench(args)
     from s2d.pipeline.bench import check_targets, check_zoo, rank_correlation
     from s2d.pipeline.convert import Pipeline
 
@@ -74,8 +92,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measured targets: `zoo` accuracy, `targets` of a conversion, supernet `rank`, "
-                                     "`peers` (Torch-Pruning, depth-only, s2d on one wall clock)")
-    p.add_argument("what", choices=("zoo", "targets", "rank", "peers"))
+                                     "`peers` (Torch-Pruning, depth-only, s2d on one wall clock), "
+                                     "`search` (PPO vs NSGA-II vs random on a conversion's supernet)")
+    p.add_argument("what", choices=("zoo", "targets", "rank", "peers", "search"))
     common_args(p)
     p.add_argument("--archs", type=positive_int, default=8, help="rank: archs to fine-tune separately")
     p.add_argument("--steps", type=positive_int, default=150, help="rank: fine-tune steps per arch")
@@ -84,4 +103,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "took, from state.json's phase seconds, else the run directory's file times)")
     p.add_argument("--ratios", default="2,3,4",
                    help="peers: Torch-Pruning MAC reductions, comma-separated (default 2,3,4; 'none': no peers)")
+    p.add_argument("--algos", default="ppo,nsga2,random", help="search: searchers to compare, comma-separated")
+    p.add_argument("--seeds", type=positive_int, default=3, help="search: seeds per searcher")
+    p.add_argument("--evaluations", type=positive_int, default=None,
+                   help="search: real evaluations per searcher and seed (default: the conversion budget's)")
     p.set_defaults(func=cmd_bench)

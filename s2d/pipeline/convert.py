@@ -113,6 +113,27 @@ class ConvertConfig:
     data_dir: str | None = None
     device: str = "cpu"
 
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> ConvertConfig:
+        """The configuration a conversion's run directory was made with (``config.yaml``), so that benches on
+        a finished run need no flags repeated."""
+        from dataclasses import fields
+
+        import yaml
+
+        path = Path(run_dir) / "config.yaml"
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise S2DError(f"{path} is missing or unreadable ({e.__class__.__name__}); run s2d convert "
+                           f"--run-dir {run_dir} first") from None
+        if not isinstance(saved, dict) or "model" not in saved or saved.get("command", "convert") != "convert":
+            raise S2DError(f"{run_dir} is not a conversion's run directory; run s2d convert --run-dir {run_dir}")
+        cfg = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        if cfg.target_macs is not None:  # the saved ratio is resolved from it: one budget, as the user gave it
+            cfg.target_mac_ratio = None
+        return cfg
+
     def validate(self) -> None:
         if self.budget not in BUDGETS:
             raise S2DError(f"unknown --budget {self.budget!r}; valid: {', '.join(BUDGETS)}")

@@ -6,6 +6,43 @@ import os
 from pathlib import Path
 from typing import Any
 
+SEARCHER_COLOURS = {"ppo": "tab:blue", "nsga2": "tab:orange", "random": "tab:gray", "seed": "tab:green"}
+
+
+def _save(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_search_curves(curves: dict[str, list[list[float]]], path, title: str) -> None:
+    """Best-so-far reward against real evaluations, one line per searcher (mean over seeds, min-max band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for algo, runs in curves.items():
+        n = min(len(r) for r in runs)
+        if n == 0:
+            continue
+        a = np.array([r[:n] for r in runs])
+        x = np.arange(1, n + 1)
+        colour = SEARCHER_COLOURS.get(algo)
+        ax.plot(x, a.mean(0), color=colour, label=f"{algo} (mean of {len(runs)} seeds)")
+        ax.fill_between(x, a.min(0), a.max(0), color=colour, alpha=0.2)
+    ax.set_xlabel("real evaluations")
+    ax.set_ylabel("best reward so far")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
 
 def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> None:
     import matplotlib
@@ -14,7 +51,7 @@ def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for searcher, colour in (("ppo", "tab:blue"), ("random", "tab:gray"), ("seed", "tab:green")):
+    for searcher, colour in SEARCHER_COLOURS.items():
         pts = [r for r in records if r.get("searcher") == searcher]
         if pts:
             ax.scatter([r["average_macs"] / 1e6 for r in pts], [r["accuracy"] * 100 for r in pts], s=12,
@@ -36,7 +73,4 @@ def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> 
     ax.set_title(f"{report['model']} on {report['dataset']}: accuracy vs average MACs")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)

@@ -1,4 +1,4 @@
-"""Searchers over one evaluator and one budget: PPO (MaskablePPO) and random search.
+"""Searchers over one evaluator and one budget: PPO (MaskablePPO), NSGA-II (pymoo) and random search.
 
 A searcher's budget is the number of *distinct* archs it asks for (served from the
 archive or not), so PPO and random search compare at equal evaluations. Each searcher
@@ -26,7 +26,18 @@ from s2d.search.evaluator import ArchEvaluator, Evaluation
 from s2d.search.space import SearchSpace
 from s2d.transform.arch import MultiStageArch
 
-ALGOS = ("ppo", "random")
+ALGOS = ("ppo", "nsga2", "random")
+
+
+def read_search_log(path: Path) -> list[dict[str, Any]]:
+    """A searcher's ``search_<algo>.jsonl`` (empty when missing), without a line torn by a kill."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
 
 
 class SearchSession:
@@ -35,16 +46,9 @@ class SearchSession:
     def __init__(self, evaluator: ArchEvaluator, run: Run, algo: str, budget: int, progress: bool = True) -> None:
         self.evaluator, self.algo, self.budget = evaluator, algo, budget
         self.log_path = run.root / f"search_{algo}.jsonl"
-        self.log: list[dict[str, Any]] = []
-        self._torn = False  # the log ends mid-line (killed while writing): start the next record on a new line
-        if self.log_path.exists():
-            text = self.log_path.read_text()
-            self._torn = bool(text) and not text.endswith("\n")
-            for line in text.splitlines():
-                try:
-                    self.log.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # torn by a kill
+        self.log = read_search_log(self.log_path)
+        text = self.log_path.read_text() if self.log_path.exists() else ""
+        self._torn = bool(text) and not text.endswith("\n")  # killed mid-line: the next record starts a new line
         self.seen = {r["key"] for r in self.log}
         self.best = max((r["reward"] for r in self.log), default=-np.inf)
         self.writer = SummaryWriter(str(run.tensorboard / f"search_{algo}"), purge_step=len(self.log) + 1)
@@ -177,7 +181,14 @@ def run_search(evaluator: ArchEvaluator, space: SearchSpace, run: Run, *, algo: 
     session = SearchSession(evaluator, run, algo, budget, progress)
     try:
         if not session.done:
-            (random_search(session, space, seed) if algo == "random" else ppo_search(session, space, run, seed))
+            if algo == "random":
+                random_search(session, space, seed)
+            elif algo == "nsga2":
+                from s2d.search.nsga import nsga2_search
+
+                nsga2_search(session, space, seed)
+            else:
+                ppo_search(session, space, run, seed)
     finally:
         session.close()
     return summarise(session.log, evaluator.objective.tolerance)

@@ -22,6 +22,12 @@ from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
 THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 
 
+def nearest_option(mask: np.ndarray, option: int) -> int:
+    """The valid option closest to ``option`` (ties: the lower): how an out-of-mask choice is read."""
+    valid = np.flatnonzero(mask)
+    return int(valid[np.argmin(np.abs(valid - option))])
+
+
 @dataclass(frozen=True)
 class Decision:
     kind: str  # "stages" | "width" | "exit" | "recompute" | "reuse" | "threshold"
@@ -124,6 +130,29 @@ class SearchSpace:
         if self.search_thresholds:
             thresholds = tuple(THRESHOLD_GRID[chosen[("threshold", s)]] for s in range(num_stages - 1))
         return MultiStageArch(tuple(stages), self.exit_rule, thresholds).validate(self.graph)
+
+    def genome_slots(self) -> list[tuple]:
+        """The fixed-length integer encoding a genetic searcher evolves: one gene per decision key of the
+        largest arch (the stage count, then per stage width, exit, recompute, reuse flags, threshold)."""
+        slots: list[tuple] = [("stages", -1)]
+        for s in range(self.max_stages):
+            slots += [("width", s), ("exit", s), ("recompute", s)]
+            slots += [("reuse", s, k) for k in range(self.num_sections)]
+            if self.search_thresholds:
+                slots.append(("threshold", s))
+        return slots
+
+    def decode(self, genes: np.ndarray | list[int]) -> MultiStageArch:
+        """The valid arch a genome stands for: each decision takes its gene's option, or the nearest valid one
+        (the rule ``MultiStageEnv`` applies to unmasked actions), so every genome is a network and genes of
+        decisions the arch does not make are ignored."""
+        slot = {k: i for i, k in enumerate(self.genome_slots())}
+        n = nearest_option(self.options(Decision("stages", -1), {}, 0), int(genes[0]))
+        chosen: dict[tuple, int] = {}
+        for d in self.decisions(n):
+            key = self.key_of(d)
+            chosen[key] = nearest_option(self.options(d, chosen, n), int(genes[slot[key]]))
+        return self.build(n, chosen)
 
     def size(self, canonical: bool = True) -> int:
         """Encodings in the space: with ``canonical`` as the masks allow them (one per network), else with every
