@@ -337,6 +337,13 @@ def test_nsga2_is_reproducible_and_moves_the_front(net, tmp_path):
     assert front_volume(logs["a"]) == pytest.approx(0.04475)  # the best front: width 1/8 ... 1 one-stage networks
 
 
+def test_the_predictor_tau_is_logged_as_the_search_goes(net, tmp_path):
+    run_search(FakeEvaluator(tmp_path), net["space"], Run(tmp_path), algo="random", budget=30, seed=0, progress=False)
+    tau = scalars(tmp_path / "tensorboard" / "search_random")["search/predictor_kendall_tau"]
+    assert [step for step, _ in tau] == [20, 30]  # every 10 evaluations, from 2 * MIN_FIT on
+    assert tau[-1][1] > 0.5  # the fake reward (1 - mean width) is learnable
+
+
 def test_every_genome_is_a_valid_canonical_arch(net):
     from s2d.search.nsga import gene_upper_bounds
 

@@ -29,6 +29,20 @@ from s2d.transform.arch import MultiStageArch
 ALGOS = ("ppo", "nsga2", "random")
 
 
+TAU_EVERY = 10  # evaluations between two held-out Kendall tau figures of the reward predictor
+
+
+def predictor_tau(space: SearchSpace, records: list[dict[str, Any]]) -> float | None:
+    """The reward predictor's held-out Kendall tau on ``records``; None without scikit-learn or enough records."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return None
+    from s2d.search.predictor import held_out_tau
+
+    return held_out_tau(space, records)
+
+
 def read_search_log(path: Path) -> list[dict[str, Any]]:
     """A searcher's ``search_<algo>.jsonl`` (empty when missing), without a line torn by a kill."""
     out = []
@@ -43,8 +57,9 @@ def read_search_log(path: Path) -> list[dict[str, Any]]:
 class SearchSession:
     """Budget, log, progress bar and TensorBoard scalars of one searcher."""
 
-    def __init__(self, evaluator: ArchEvaluator, run: Run, algo: str, budget: int, progress: bool = True) -> None:
-        self.evaluator, self.algo, self.budget = evaluator, algo, budget
+    def __init__(self, evaluator: ArchEvaluator, run: Run, algo: str, budget: int, progress: bool = True,
+                 space: SearchSpace | None = None) -> None:
+        self.evaluator, self.algo, self.budget, self.space = evaluator, algo, budget, space
         self.log_path = run.root / f"search_{algo}.jsonl"
         self.log = read_search_log(self.log_path)
         text = self.log_path.read_text() if self.log_path.exists() else ""
@@ -80,6 +95,10 @@ class SearchSession:
                            ("mac_ratio", ev.mac_ratio), ("best_reward", self.best), ("pareto_size", len(front)),
                            ("num_stages", len(ev.arch["stages"]))):
             self.writer.add_scalar(f"search/{tag}", value, n)
+        if self.space is not None and n % TAU_EVERY == 0:
+            tau = predictor_tau(self.space, self.log)
+            if tau is not None:
+                self.writer.add_scalar("search/predictor_kendall_tau", tau, n)
         self.writer.flush()
         self.bar.update(1)
         self.bar.set_postfix(best=f"{self.best:.3f}", acc=f"{ev.accuracy:.3f}", macs=f"{ev.mac_ratio:.2f}")
@@ -178,7 +197,7 @@ def run_search(evaluator: ArchEvaluator, space: SearchSpace, run: Run, *, algo: 
     """Run (or resume) one searcher to its budget; returns its summary."""
     if algo not in ALGOS:
         raise S2DError(f"unknown --algo {algo!r}; valid: {', '.join(ALGOS)}")
-    session = SearchSession(evaluator, run, algo, budget, progress)
+    session = SearchSession(evaluator, run, algo, budget, progress, space=space)
     try:
         if not session.done:
             if algo == "random":
