@@ -134,6 +134,7 @@ ONE_STAGE_MODELS = [
     ("torchvision:mobilenet_v2", (3, 32, 32)),
     ("torchvision:mobilenet_v3_small", (3, 32, 32)),
     ("torchvision:vgg11_bn", (3, 32, 32)),
+    ("torchvision:efficientnet_b0", (3, 32, 32)),  # stochastic depth (drop-path) and squeeze-and-excitation gates
 ]
 
 

@@ -50,6 +50,12 @@ _CHANNELWISE_FUNCTIONS = {
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.relu, torch.sigmoid,
     torch.tanh,
 }
+try:  # stochastic depth (drop-path): identity in eval, a per-sample scale in training; channel i reads channel i
+    from torchvision.ops import stochastic_depth
+
+    _CHANNELWISE_FUNCTIONS.add(stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
 _CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone"}
 _BINARY_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
 _BINARY_METHODS = {"add", "add_", "mul", "mul_"}
