@@ -21,7 +21,8 @@ from s2d.runs import Run
 from s2d.search import nsga
 from s2d.search.archive import Archive, pareto_front
 from s2d.search.evaluator import ArchEvaluator, Evaluation
-from s2d.search.runner import PPOSettings, SearchSession, run_search, summarise
+from s2d.search.runner import PPOSettings, run_search, summarise
+from s2d.search.session import SearchSession
 from s2d.search.space import SearchSpace
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet

@@ -23,7 +23,8 @@ import numpy as np
 from s2d.errors import S2DError
 from s2d.runs import Run, write_json_atomic, write_text_atomic
 from s2d.search.archive import Archive
-from s2d.search.runner import ALGOS, predictor_tau, read_search_log, run_search
+from s2d.search.runner import ALGOS, run_search
+from s2d.search.session import predictor_tau, read_search_log
 
 TAU_AT = 100  # the reward predictor's held-out Kendall tau is reported on a searcher's first 100 evaluations
 HV_MARGIN = 0.05  # accuracy (fraction) below the static model at which the hypervolume's reference point sits

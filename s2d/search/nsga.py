@@ -22,7 +22,7 @@ from s2d.errors import S2DError
 from s2d.search.space import THRESHOLD_GRID, SearchSpace
 
 if TYPE_CHECKING:
-    from s2d.search.runner import SearchSession
+    from s2d.search.session import SearchSession
 
 STALL_GENERATIONS = 25  # generations in a row without a new arch: the space is (nearly) exhausted
 IMMIGRANT_TRIES = 20  # random genomes tried in place of one whose network was already requested

@@ -9,104 +9,20 @@ evaluation count as the step so SB3's dumps never overwrite them.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from s2d.errors import S2DError
 from s2d.runs import Run
-from s2d.search.archive import pareto_front
-from s2d.search.evaluator import ArchEvaluator, Evaluation
+from s2d.search.evaluator import ArchEvaluator
+from s2d.search.session import SearchSession
 from s2d.search.space import SearchSpace
-from s2d.transform.arch import MultiStageArch
 
 ALGOS = ("ppo", "nsga2", "random")
-
-
-TAU_EVERY = 10  # evaluations between two held-out Kendall tau figures of the reward predictor
-
-
-def predictor_tau(space: SearchSpace, records: list[dict[str, Any]]) -> float | None:
-    """The reward predictor's held-out Kendall tau on ``records``; None without scikit-learn or enough records."""
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return None
-    from s2d.search.predictor import held_out_tau
-
-    return held_out_tau(space, records)
-
-
-def read_search_log(path: Path) -> list[dict[str, Any]]:
-    """A searcher's ``search_<algo>.jsonl`` (empty when missing), without a line torn by a kill."""
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
-class SearchSession:
-    """Budget, log, progress bar and TensorBoard scalars of one searcher."""
-
-    def __init__(self, evaluator: ArchEvaluator, run: Run, algo: str, budget: int, progress: bool = True,
-                 space: SearchSpace | None = None) -> None:
-        self.evaluator, self.algo, self.budget, self.space = evaluator, algo, budget, space
-        self.log_path = run.root / f"search_{algo}.jsonl"
-        self.log = read_search_log(self.log_path)
-        text = self.log_path.read_text() if self.log_path.exists() else ""
-        self._torn = bool(text) and not text.endswith("\n")  # killed mid-line: the next record starts a new line
-        self.seen = {r["key"] for r in self.log}
-        self.best = max((r["reward"] for r in self.log), default=-np.inf)
-        self.writer = SummaryWriter(str(run.tensorboard / f"search_{algo}"), purge_step=len(self.log) + 1)
-        self.bar = tqdm(total=budget, initial=min(len(self.log), budget), desc=f"search ({algo})",
-                        disable=not progress)
-
-    @property
-    def done(self) -> bool:
-        return len(self.log) >= self.budget
-
-    def request(self, arch: MultiStageArch) -> Evaluation:
-        ev = self.evaluator.evaluate(arch, searcher=self.algo)
-        key = self.evaluator.archive_key(arch)
-        if key in self.seen:
-            return ev
-        self.seen.add(key)
-        self.best = max(self.best, ev.reward)
-        n = len(self.log) + 1
-        rec = {"n": n, "key": key, "reward": ev.reward, "accuracy": ev.accuracy, "mac_ratio": ev.mac_ratio,
-               "average_macs": ev.average_macs, "meets_target": ev.meets_target, "best_reward": self.best}
-        self.log.append(rec)
-        with open(self.log_path, "a") as f:
-            f.write(("\n" if self._torn else "") + json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._torn = False
-        front = pareto_front(self.log)
-        for tag, value in (("reward", ev.reward), ("accuracy", ev.accuracy), ("average_macs", ev.average_macs),
-                           ("mac_ratio", ev.mac_ratio), ("best_reward", self.best), ("pareto_size", len(front)),
-                           ("num_stages", len(ev.arch["stages"]))):
-            self.writer.add_scalar(f"search/{tag}", value, n)
-        if self.space is not None and n % TAU_EVERY == 0:
-            tau = predictor_tau(self.space, self.log)
-            if tau is not None:
-                self.writer.add_scalar("search/predictor_kendall_tau", tau, n)
-        self.writer.flush()
-        self.bar.update(1)
-        self.bar.set_postfix(best=f"{self.best:.3f}", acc=f"{ev.accuracy:.3f}", macs=f"{ev.mac_ratio:.2f}")
-        return ev
-
-    def close(self) -> None:
-        self.bar.close()
-        self.writer.close()
 
 
 def random_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
