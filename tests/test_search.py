@@ -316,6 +316,27 @@ def test_ppo_learns_on_a_simple_objective(net, tmp_path):
     assert ppo[-50:].mean() > rnd.mean() + 0.05
 
 
+def test_predictor_guided_ppo_spends_real_evaluations_on_its_best_candidates(net, tmp_path, monkeypatch):
+    """After 20 real evaluations the agent learns from predicted rewards, 16 episodes per real evaluation:
+    on the instant objective (1 - mean width) its real evaluations beat random search's at the same budget."""
+    from s2d.search import guided
+
+    calls = {"n": 0}
+    real_call = guided.GuidedScorer.__call__
+    monkeypatch.setattr(guided.GuidedScorer, "__call__", lambda self, a: calls.__setitem__("n", calls["n"] + 1)
+                        or real_call(self, a))
+    rewards = {}
+    for algo in ("ppo_guided", "random"):
+        root = tmp_path / algo
+        ev = FakeEvaluator(root)
+        run_search(ev, net["space"], Run(root), algo=algo, budget=60, seed=0, progress=False)
+        log = read_jsonl(root / f"search_{algo}.jsonl")
+        assert len(log) == 60 and ev.evaluations == 60  # the budget counts real evaluations only
+        rewards[algo] = np.array([r["reward"] for r in log])
+    assert calls["n"] > 20 + 16 * 35  # far more episodes than real evaluations
+    assert rewards["ppo_guided"][-20:].mean() > rewards["random"].mean() + 0.05
+
+
 def test_nsga2_is_reproducible_and_moves_the_front(net, tmp_path):
     """On the instant objective (accuracy 0.5 + 0.1 * first width up, mean width down) NSGA-II's front grows
     past its first generation's to the space's best front, at least as good as random search's at the same

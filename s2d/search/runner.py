@@ -9,6 +9,7 @@ evaluation count as the step so SB3's dumps never overwrite them.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from s2d.search.evaluator import ArchEvaluator
 from s2d.search.session import SearchSession
 from s2d.search.space import SearchSpace
 
-ALGOS = ("ppo", "nsga2", "random")
+ALGOS = ("ppo", "ppo_guided", "nsga2", "random")
 
 
 def random_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
@@ -56,14 +57,22 @@ class PPOSettings:
 
 
 def ppo_search(session: SearchSession, space: SearchSpace, run: Run, seed: int,
-               settings: PPOSettings | None = None) -> None:
+               settings: PPOSettings | None = None, guided: bool = False) -> None:
+    """MaskablePPO over the decisions; ``guided``: episodes scored by the reward predictor (``GuidedScorer``)."""
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.callbacks import BaseCallback
 
     from envs.multistage import MultiStageEnv
 
-    env = MultiStageEnv(space, session.request)
-    settings = settings or PPOSettings.for_budget(session.budget, space.max_decisions() - 2)
+    score = session.request
+    episodes = session.budget
+    if guided:
+        from s2d.search.guided import EPISODES_PER_EVALUATION, GuidedScorer
+
+        score = GuidedScorer(session, space, seed)
+        episodes *= EPISODES_PER_EVALUATION
+    env = MultiStageEnv(space, score)
+    settings = settings or PPOSettings.for_budget(episodes, space.max_decisions() - 2)
     path = run.checkpoints / "ppo.zip"
     if path.exists():
         try:
@@ -86,7 +95,7 @@ def ppo_search(session: SearchSession, space: SearchSpace, run: Run, seed: int,
 
         def _on_step(self) -> bool:
             for info, done in zip(self.locals["infos"], self.locals["dones"], strict=True):
-                if done and "accuracy" in info:
+                if done and math.isfinite(info.get("accuracy", math.nan)):  # a real evaluation
                     self.episodes += 1
                     self.logger.record("s2d/episode_accuracy", info["accuracy"])
                     self.logger.record("s2d/episode_mac_ratio", info["mac_ratio"])
@@ -118,6 +127,8 @@ def run_search(evaluator: ArchEvaluator, space: SearchSpace, run: Run, *, algo: 
         if not session.done:
             if algo == "random":
                 random_search(session, space, seed)
+            elif algo == "ppo_guided":
+                ppo_search(session, space, run, seed, guided=True)
             elif algo == "nsga2":
                 from s2d.search.nsga import nsga2_search
 
