@@ -32,14 +32,17 @@ def test_hypervolume_hand_made():
 
 def test_bench_search_end_to_end_and_resumed(tmp_path, tiny_run, quick_data):
     cfg = ConvertConfig(weights=str(tiny_run["model_pt"]), budget="tiny", val_size=quick_data.val_size, tolerance=50)
-    Pipeline(cfg, tmp_path, progress=False, data=quick_data).supernet_phase()
+    p = Pipeline(cfg, tmp_path, progress=False, data=quick_data)
+    p.supernet_phase()
+    p.search_phase(["random"])  # the conversion's own archive: the bench starts from it
+    conversion = (tmp_path / "archive.jsonl").read_text()
     args = ["bench", "search", "--run-dir", str(tmp_path), "--seeds", "2", "--evaluations", "3", "--threads", "1",
             "--quiet"]
     r = s2d(*args)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "bench_search"
     res = json.loads((out / "search.json").read_text())
-    assert list(res["searchers"]) == ["ppo", "nsga2", "random"]
+    assert list(res["searchers"]) == ["ppo", "ppo_guided", "nsga2", "random"]
     for algo, row in res["searchers"].items():
         assert [s["seed"] for s in row["seeds"]] == [0, 1]
         assert all(s["evaluations"] == 3 for s in row["seeds"])
@@ -48,10 +51,13 @@ def test_bench_search_end_to_end_and_resumed(tmp_path, tiny_run, quick_data):
             log = [json.loads(x) for x in path.read_text().splitlines()]
             assert len(log) == 3 and max(x["reward"] for x in log) == row["seeds"][seed]["best_reward"]
         assert row["best_reward"]["mean"] == pytest.approx(sum(s["best_reward"] for s in row["seeds"]) / 2)
-    keys = {json.loads(x)["key"] for x in (out / "archive.jsonl").read_text().splitlines()}
-    assert res["evaluations_spent"] == len(keys) <= 3 * 2 * 3  # shared archive: a network is scored once
+    keys = [json.loads(x)["key"] for x in (out / "archive.jsonl").read_text().splitlines()]
+    inherited = [json.loads(x)["key"] for x in conversion.splitlines()]
+    assert res["inherited_from_conversion"] == len(inherited) > 0 and keys[: len(inherited)] == inherited
+    # shared archive: a network is scored once, and not at all when the conversion scored it
+    assert res["evaluations_spent"] == len(set(keys)) - len(inherited) <= 4 * 2 * 3
     assert "| nsga2 |" in (out / "search.md").read_text() and (out / "search.png").stat().st_size > 10_000
-    assert not (tmp_path / "archive.jsonl").exists()  # the conversion's archive is not touched
+    assert (tmp_path / "archive.jsonl").read_text() == conversion  # the conversion's archive is not touched
 
     again = s2d(*args)  # everything is archived: resumes to the same figures without scoring anything
     assert again.returncode == 0, again.stderr
