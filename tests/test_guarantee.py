@@ -122,3 +122,22 @@ def test_threshold_sequence_goes_from_safe_to_aggressive():
     assert cost[0] == pytest.approx(4.0) and cost[-1] < 1.3
     budgets = np.linspace(4.0, 1.0, 21)[1:].tolist()
     assert budget_frontier(val, costs, budgets) == [calibrate_budget_thresholds(val, costs, b) for b in budgets]
+
+
+def test_threshold_sequence_steps_down_even_when_a_cheap_setting_is_most_accurate():
+    """Early exits more accurate than the last stage on validation data (a well fine-tuned first stage): the most
+    accurate setting of every budget is the cheapest, yet the sequence still walks down one cost step at a time
+    (without the bands it jumped from "all to the last stage" to that setting: nothing was certified)."""
+    n = 1000
+    rng = np.random.default_rng(2)
+    conf = rng.random((2, n)).astype(np.float32)
+    correct = np.stack([np.ones(n, dtype=bool), rng.random(n) < 0.98])  # stage 1 beats the last stage
+    val = _outputs(conf.tolist(), correct.tolist())
+    costs = [1.0, 3.0]
+    budgets = np.linspace(4.0, 1.0, 21)[1:].tolist()
+    plain = budget_frontier(val, costs, budgets)
+    assert len({tuple(t) for t in plain}) == 1  # every budget's most accurate setting: everyone exits early
+    seq = threshold_sequence(val, costs, steps=20)
+    cost = [average_macs(costs, val.exit_rates(t)) for t in seq]
+    assert len(seq) > 15 and cost[0] == pytest.approx(4.0)
+    assert all(0 <= a - b <= 2 * 3.0 / 20 + 1e-9 for a, b in itertools.pairwise(cost))  # one step at a time

@@ -118,15 +118,20 @@ def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_mac
     return cheapest[2], -cheapest[1], cheapest[0]
 
 
-def budget_frontier(outputs: StageOutputs, costs: list[float], budgets: list[float], grid: int = 40
-                    ) -> list[list[float]]:
+def budget_frontier(outputs: StageOutputs, costs: list[float], budgets: list[float], grid: int = 40,
+                    bands: bool = False) -> list[list[float]]:
     """:func:`calibrate_budget` for many budgets in one pass over the candidate settings: for each budget,
     the most accurate thresholds whose average MACs on these samples fit it, the costliest of equals (the
     cheapest setting when none fits), snapped to float32. Walking the budgets down walks the accuracy-cost
-    frontier."""
+    frontier.
+
+    ``bands`` (budgets in decreasing order): each budget's setting must also cost more than the next
+    budget, so consecutive settings differ in cost by about one step even where the most accurate setting
+    of a large budget is cheap; a band without any setting repeats the one above it."""
     if len(costs) == 1:
         return [[] for _ in budgets]
     limits = np.asarray(budgets, dtype=np.float64) * (1 + 1e-12)
+    floors = np.concatenate([limits[1:], [-np.inf]]) if bands else np.full(len(limits), -np.inf)
     best: list[tuple[float, float, list[float]] | None] = [None] * len(budgets)  # (-acc, -cost, thresholds)
     cheapest: tuple[float, float, list[float]] | None = None  # (cost, -acc, thresholds)
     for acc, cost, settings in _settings(outputs.confidence, outputs.correct, costs, grid):
@@ -134,13 +139,17 @@ def budget_frontier(outputs: StageOutputs, costs: list[float], budgets: list[flo
         i = int(np.lexsort((-acc, cost))[0])
         if cheapest is None or (cost[i], -acc[i]) < cheapest[:2]:
             cheapest = (float(cost[i]), float(-acc[i]), settings[i])
-        for b, limit in enumerate(limits):
-            fits = order[cost[order] <= limit]
+        for b, (limit, floor) in enumerate(zip(limits, floors, strict=True)):
+            fits = order[(cost[order] <= limit) & (cost[order] > floor)]
             if len(fits):
                 j = int(fits[0])
                 if best[b] is None or (-acc[j], -cost[j]) < best[b][:2]:
                     best[b] = (float(-acc[j]), float(-cost[j]), settings[j])
     assert cheapest is not None
+    if bands:  # an empty band: the setting of the band above (or the cheapest setting for the first)
+        for b in range(len(best)):
+            if best[b] is None and b > 0:
+                best[b] = best[b - 1]
     return [float32_thresholds(b[2] if b is not None else cheapest[2]) for b in best]
 
 
