@@ -24,7 +24,7 @@ from s2d.search.evaluator import ArchEvaluator, Evaluation
 from s2d.search.runner import PPOSettings, run_search, summarise
 from s2d.search.session import SearchSession
 from s2d.search.space import SearchSpace
-from s2d.transform.arch import MultiStageArch
+from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.supernet import SuperNet
 
 VAL_IMAGES = 150
@@ -273,6 +273,10 @@ def test_pipeline_supernet_and_search_phases(tmp_path, tiny_run, quick_data, mon
     check_log(tmp_path, "random", p.budget.evaluations)
     state_json = json.loads((tmp_path / "state.json").read_text())
     assert set(state_json) == {"supernet", "search"}
+    # a report that fell back rewrites best_arch.json with the static network: a re-run of the report still
+    # reads the searched (and fine-tuned) arch
+    (tmp_path / "best_arch.json").write_text(json.dumps(static_arch().to_dict()))
+    assert p.chosen_arch().stages == arch.stages
 
     # a new process on the same run: the supernet phase does no more steps, the search no evaluations
     before = ckpt.read_bytes()

@@ -382,7 +382,7 @@ class Pipeline:
         """
         self._started["finetune"] = time.perf_counter()
         self.load_supernet()
-        arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
+        arch = self.chosen_arch(keep_thresholds=True)
         if arch.is_full_width:
             self._fit_heads_on_static(arch)
         else:
@@ -416,9 +416,14 @@ class Pipeline:
                 writer.add_scalar(f"finetune/val_{k.replace('arch0', 'arch')}", v, 0)
         checkpoint.save_atomic({"state_dict": self.supernet.state_dict(), "static_backbone": True}, path)
 
-    def chosen_arch(self) -> MultiStageArch:
-        """The searched arch (``best_arch.json``); calibrated thresholds are dropped, searched ones kept."""
-        arch = MultiStageArch.from_dict(json.loads((self.run.root / "best_arch.json").read_text()))
+    def chosen_arch(self, keep_thresholds: bool = False) -> MultiStageArch:
+        """The searched arch (``state.json``'s search result, else ``best_arch.json``: the report rewrites that
+        file with the shipped network, which after a fallback is not the one fine-tuned, so a re-run of the
+        report must not read it back); calibrated thresholds are dropped, searched ones kept."""
+        best = self.state.get("search", {}).get("best", {}).get("arch")
+        arch = MultiStageArch.from_dict(best if best else json.loads((self.run.root / "best_arch.json").read_text()))
+        if keep_thresholds:
+            return arch
         return MultiStageArch(arch.stages, arch.exit_rule, arch.thresholds if self.cfg.search_thresholds else ())
 
     def load_finetuned(self) -> SuperNet:
