@@ -1,4 +1,5 @@
-"""Searchers over one evaluator and one budget: PPO (MaskablePPO), NSGA-II (pymoo) and random search.
+"""Searchers over one evaluator and one budget: PPO (MaskablePPO, plain or predictor-guided), NSGA-II
+(pymoo) and random search.
 
 A searcher's budget is the number of *distinct* archs it asks for (served from the
 archive or not), so PPO and random search compare at equal evaluations. Each searcher
