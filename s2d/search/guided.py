@@ -59,11 +59,10 @@ class GuidedScorer:
             return self._real(arch)  # warming up
         self.episodes += 1
         key = self.session.evaluator.archive_key(arch)
-        ev = None
-        if key in self.session.seen:
-            ev = self.session.request(arch)  # its real reward is known (from the archive: no cost)
-        else:
-            self.candidates[key] = (float(self.predictor.predict([arch])[0]), arch)
+        predicted = None
+        if key not in self.session.seen:
+            predicted = float(self.predictor.predict([arch])[0])
+            self.candidates[key] = (predicted, arch)
         if self.episodes % self.every == 0:
             if self.candidates:
                 _, best = max(self.candidates.values(), key=lambda c: c[0])
@@ -71,11 +70,8 @@ class GuidedScorer:
                 best = self.space.sample(self.rng)
             self.candidates.clear()
             self._real(best)
-        if ev is None and key in self.session.seen:  # this very arch was just evaluated for real
-            ev = self.session.request(arch)
-        if ev is not None:
-            return ev
-        predicted = float(self.predictor.predict([arch])[0])
+        if key in self.session.seen:  # a real reward is known (from the archive: no cost), maybe just now
+            return self.session.request(arch)
         nan = math.nan
         return Evaluation(arch=arch.to_dict(), reward=predicted, accuracy=nan, average_macs=nan, mac_ratio=nan,
                           exit_rates=[], thresholds=[], stage_macs=[], stage_accuracy=[], meets_target=False,

@@ -66,12 +66,14 @@ def nsga2_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
         genomes, objectives = np.asarray(pop.get("X")).round().astype(np.int64), []
         for i in range(len(genomes)):
             arch = space.decode(genomes[i])
+            key = session.evaluator.archive_key(arch)
             for _ in range(IMMIGRANT_TRIES):  # many genomes are one network: a repeat gives way to a random one
-                if session.evaluator.archive_key(arch) not in requested:
+                if key not in requested:
                     break
                 genomes[i] = immigrants.integers(0, upper + 1)
                 arch = space.decode(genomes[i])
-            requested.add(session.evaluator.archive_key(arch))
+                key = session.evaluator.archive_key(arch)
+            requested.add(key)
             ev = session.request(arch)
             objectives.append((-ev.accuracy, ev.mac_ratio))
             if session.done:
