@@ -8,8 +8,8 @@ import pytest
 
 from s2d.errors import ArchError, S2DError
 from s2d.models import get_model
-from s2d.transform.arch import WIDTH_GRID, MultiStageArch, Stage, channels, static_arch
-from s2d.transform.graph import analyze
+from s2d.transform.arch import WIDTH_GRID, MultiStageArch, Stage, static_arch
+from s2d.transform.graph import analyze, channels
 
 
 @pytest.fixture(scope="module")

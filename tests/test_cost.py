@@ -14,8 +14,9 @@ from s2d.data import DatasetInfo
 from s2d.measure.calibration import calibrate, calibrate_budget
 from s2d.measure.cost import average_macs, count_macs, exit_macs, stage_macs, static_cost
 from s2d.models import get_model
-from s2d.transform.arch import MultiStageArch, channels, static_arch
+from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.exit_rule import NEVER_EXIT, exit_stages
+from s2d.transform.graph import channels
 from s2d.transform.supernet import SuperNet
 
 CIFAR = DatasetInfo("cifar10", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import fx, nn
 
-from s2d.errors import UnsupportedModelError
 from s2d.models import get_model
 from s2d.transform.graph import analyze
 
@@ -140,28 +139,42 @@ def _named_node(message: str) -> str:
     return m.group(1)
 
 
-def test_channel_concat_is_refused():
-    model = _DenseBlockNet()
-    with pytest.raises(UnsupportedModelError) as err:
-        analyze(model, (3, 16, 16))
-    msg = str(err.value)
-    assert _named_node(msg) == "cat" and "cat" in _node_names(model)
-    assert "concat" in msg
+def test_channel_concat_is_kept_whole():
+    """A concat ties its inputs' channels: they, and what is tied to them channel by channel, stay whole;
+    the conv after it still splits."""
+    graph = analyze(_DenseBlockNet(), (3, 16, 16))
+    whole = {t.name for t in graph.trunk if t.quantum == t.channels}
+    assert {"cat", "relu", "relu_1", "stem", "grow"} <= whole
+    assert "concat" in graph.by_name["cat"].why and graph.by_name["cat"].rule.value == "whole"
+    assert graph.by_name["trans"].quantum == 1 and graph.by_name["trans"].width_channels(0.5) == 4
 
 
-def test_shufflenet_is_refused_naming_a_node():
-    model = get_model("torchvision:shufflenet_v2_x0_5", 10, 3, image_size=32)
-    with pytest.raises(UnsupportedModelError) as err:
-        analyze(model, (3, 32, 32))
-    msg = str(err.value)
-    assert _named_node(msg) in _node_names(model), msg
+def test_shufflenet_splits_around_its_shuffles():
+    """Channel split, concat and shuffle are whole; the convs inside each branch still split, and the stage
+    outputs (a shuffle's view back to channels-first) are exits."""
+    graph = analyze(get_model("torchvision:shufflenet_v2_x0_5", 10, 3, image_size=32), (3, 32, 32))
+    assert {n.split(".")[0] for n in graph.exit_names} >= {"stage2", "stage3", "stage4"}
+    convs = [t for t in graph.trunk if t.rule.value in ("conv", "grouped")]
+    assert any(t.quantum < t.channels for t in convs) and any(t.quantum == t.channels for t in convs)
+    assert any("shuffle" in t.why or "view" in t.why for t in graph.trunk)
 
 
-def test_grouped_conv_is_refused():
-    with pytest.raises(UnsupportedModelError) as err:
-        analyze(_GroupedNet(), (3, 16, 16))
-    msg = str(err.value)
-    assert _named_node(msg) == "grouped" and "groups=2" in msg and "'grouped'" in msg
+def test_no_exit_after_a_permute_to_channels_last():
+    """ConvNeXt permutes to channels-last around its LayerNorm and linear layers: no exit may land there
+    (a head reads channels on dim 1); exits are block outputs, back in channels-first."""
+    graph = analyze(get_model("torchvision:convnext_tiny", 10, 3, image_size=32), (3, 32, 32))
+    assert len(graph.exits) > 5
+    assert all(re.fullmatch(r"features\.\d+(\.\d+)?|avgpool|output", n) for n in graph.exit_names), graph.exit_names
+    assert all(graph.by_name[e.node].channels in (96, 192, 384, 768) for e in graph.exits)
+
+
+def test_grouped_conv_splits_between_whole_groups():
+    """groups=2 over 8 channels: the conv, and the tensors it reads and writes, split in units of 4 channels."""
+    graph = analyze(_GroupedNet(), (3, 16, 16))
+    grouped = graph.by_name["grouped"]
+    assert grouped.rule.value == "grouped" and grouped.quantum == 4
+    assert graph.by_name[grouped.inputs[0]].quantum == 4
+    assert [grouped.width_channels(w) for w in (0.125, 0.5, 0.625, 1.0)] == [4, 4, 4, 8]
 
 
 def test_depthwise_conv_is_accepted():
@@ -169,5 +182,5 @@ def test_depthwise_conv_is_accepted():
     model = _GroupedNet()
     model.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=8)
     graph = analyze(model, (3, 16, 16))
-    assert graph.by_name["grouped"].rule.value == "depthwise"
+    assert graph.by_name["grouped"].rule.value == "grouped" and graph.by_name["grouped"].quantum == 1
     assert graph.by_name["stem"].rule.value == "conv"

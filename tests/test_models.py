@@ -82,7 +82,8 @@ def test_unknown_model_lists_valid_names(bad):
 
 
 def test_list_models_names_everything_registered():
-    assert list_models() == ["mobilenetv2", "resnet110", "resnet20", "resnet32", "resnet56", "torchvision:NAME"]
+    assert list_models() == ["mobilenetv2", "resnet110", "resnet20", "resnet32", "resnet56", "timm:NAME",
+                             "torchvision:NAME"]
 
 
 def test_weights_that_are_not_a_file_are_refused_for_zoo_models(tmp_path):

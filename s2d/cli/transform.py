@@ -1,9 +1,10 @@
-"""Commands of the transform engine: ``s2d exits`` and ``s2d export``."""
+"""Commands of the transform engine: ``s2d exits``, ``s2d doctor`` and ``s2d export``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
 from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in, load_data
 from s2d.errors import S2DError
@@ -32,6 +33,39 @@ def cmd_exits(args: argparse.Namespace) -> int:
         print(f"{r['exit']:<16}{r['channels']:>9}{r['resolution'][0]:>5}px{r['section']:>8}"
               f"{r['cumulative_macs'] / 1e6:>11.2f}M{r['fraction_of_static'] * 100:>10.1f}%")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from s2d.data import load_dataset
+    from s2d.models.zoo import load_model
+    from s2d.transform.doctor import diagnose
+
+    info = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download).info
+    model = load_model(args.model, info, args.weights)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    d = diagnose(model, shape)
+    if args.json:
+        print(json.dumps({"model": args.model, "input": list(shape), **d.to_dict()}, indent=2))
+        return 0
+    exact = "exact" if d.one_stage_error <= 1e-4 else "NOT EXACT, please report this"
+    print(f"{args.model} on {shape[0]}x{shape[1]}x{shape[2]} inputs: converts; one-stage arch reproduces the "
+          f"static logits to {d.one_stage_error:.1e} (relative, {exact})")
+    print(f"exits ({len(d.exits)}): {', '.join(d.exits)}")
+    kind = "depth-only stages (no conv splits)" if d.depth_only else "width and depth splits"
+    print(f"convs that split along channels: {d.split_convs} of {d.convs} -> {kind}")
+    if d.grouped_units:
+        units = Counter(d.grouped_units.values())
+        print("grouped convs split between whole groups: "
+              + ", ".join(f"{n} conv(s) in {u} units" for u, n in sorted(units.items())))
+    if d.whole_ops:
+        print(f"ops kept whole ({len(d.whole_ops)}), with every tensor tied to them channel by channel:")
+        for why, n in d.reasons().most_common():
+            where = sorted({w.module or w.node for w in d.whole_ops if w.why == why})
+            shown = ", ".join(where[:4]) + (f", ... ({len(where) - 4} more)" if len(where) > 4 else "")
+            print(f"  {n:4d} x {why}: {shown}")
+        if d.whole_convs:
+            print(f"  convs kept at full width because of them: {len(d.whole_convs)}")
+    return 0 if d.one_stage_error <= 1e-4 else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -69,6 +103,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_exits)
+
+    p = sub.add_parser("doctor", help="what converting a model would split: exits, splittable convs, ops kept "
+                                      "whole and where, one-stage exactness")
+    add_model_args(p, weights_default="none")
+    p.add_argument("--dataset", default="fashion-mnist", help="sets the input shape (and the zoo weights)")
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true")
+    add_runtime_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("export", help="export a dynamic network, one file per stage (TorchScript or ONNX)")
     add_model_args(p)

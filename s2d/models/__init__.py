@@ -2,7 +2,8 @@
 
 ``get_model("resnet20", num_classes=10, in_channels=1)`` builds a model;
 ``weights`` is a checkpoint path or, for ``torchvision:NAME`` models, a torchvision
-weights enum name (``DEFAULT``, ``IMAGENET1K_V1``, ...).
+weights enum name (``DEFAULT``, ``IMAGENET1K_V1``, ...); ``timm:NAME`` models take
+``DEFAULT`` for timm's pretrained weights.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from torch import nn
 
 from s2d import checkpoint
 from s2d.errors import CheckpointError, UnknownNameError
-from s2d.models import torchvision_adapter
+from s2d.models import timm_adapter, torchvision_adapter
 from s2d.models.mobilenetv2_cifar import cifar_mobilenet_v2
 from s2d.models.resnet_cifar import CifarResNet
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ def _mobilenetv2(num_classes: int, in_channels: int) -> nn.Module:
 
 
 def list_models() -> list[str]:
-    """Registered names; any ``torchvision:NAME`` classifier is accepted as well."""
-    return [*sorted(_MODELS), f"{TORCHVISION_PREFIX}NAME"]
+    """Registered names; any ``torchvision:NAME`` or ``timm:NAME`` classifier is accepted as well."""
+    return [*sorted(_MODELS), f"{TIMM_PREFIX}NAME", f"{TORCHVISION_PREFIX}NAME"]
 
 
 def describe_models() -> dict[str, str]:
@@ -64,6 +66,8 @@ def check_model_name(name: str) -> None:
     """Raise a one-line :class:`UnknownNameError` unless ``get_model`` knows ``name``."""
     if name.startswith(TORCHVISION_PREFIX):
         torchvision_adapter.check_name(name[len(TORCHVISION_PREFIX):])
+    elif name.startswith(TIMM_PREFIX):
+        timm_adapter.check_name(name[len(TIMM_PREFIX):])
     elif name not in _MODELS:
         raise UnknownNameError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
 
@@ -83,6 +87,9 @@ def get_model(
         tv_weights = None if (weights is None or is_file) else str(weights)
         model = torchvision_adapter.build(name[len(TORCHVISION_PREFIX):], num_classes, in_channels,
                                           image_size, tv_weights)
+    elif name.startswith(TIMM_PREFIX):
+        hub_weights = None if (weights is None or is_file) else str(weights)
+        model = timm_adapter.build(name[len(TIMM_PREFIX):], num_classes, in_channels, image_size, hub_weights)
     else:
         if weights is not None and not is_file:
             raise CheckpointError(f"weights {weights!r} is not a checkpoint file; pass a path to a .pt file")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from s2d.data import Batches, Dataset, DatasetInfo, Split
-from s2d.transform.arch import MultiStageArch, channels
+from s2d.transform.arch import MultiStageArch
 from s2d.transform.sliced import head_pool
 from s2d.transform.stages import head_key
 from s2d.transform.supernet import SuperNet
@@ -94,7 +94,7 @@ def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: i
             key = head_key(e.name, w)
             if key in supernet.heads:
                 with torch.enable_grad():
-                    _fit_linear(supernet.heads[key].fc, feats[:, :channels(w, e.channels)].flatten(1), split.labels,
+                    _fit_linear(supernet.heads[key].fc, feats[:, :e.width_channels(w)].flatten(1), split.labels,
                                 epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
                 fitted += 1
     return fitted

@@ -35,11 +35,6 @@ WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
 MAX_STAGES = 4
 
 
-def channels(width: float, c: int) -> int:
-    """Channels of a C-channel tensor that a stage of this width owns (a prefix, at least 1)."""
-    return min(c, max(1, round(width * c)))
-
-
 @dataclass(frozen=True)
 class Stage:
     width: float
@@ -227,9 +222,9 @@ def reuse_matters(graph: ModelGraph, section: int, prev_width: float, width: flo
         if t.rule is not Rule.CONV or t.section != section or t.index > prev_exit_index:
             continue
         p = graph.by_name[t.inputs[0]]
-        if p.rule is Rule.INPUT or channels(width, t.channels) <= channels(prev_width, t.channels):
+        if p.rule is Rule.INPUT or t.width_channels(width) <= t.width_channels(prev_width):
             continue
-        if channels(prev_width, p.channels) < channels(width, p.channels):
+        if p.width_channels(prev_width) < p.width_channels(width):
             return True
     return False
 

@@ -4,17 +4,21 @@ The model is traced with ``torch.fx`` (module paths recorded per node, as in
 torchvision's feature extraction). The graph is cut in two:
 
 * the **trunk**, from the image to the last feature map ``F``, where every node gets a
-  channel rule (dense conv, depthwise conv, norm, channel-wise op, binary op);
+  channel rule (dense conv, grouped conv, norm, channel-wise op, binary op, or *whole*);
 * the **tail**, from ``F`` to the logits (global pooling, flatten, classifier), which only
   the final full-width stage runs, exactly as the static model does.
 
 Exit points are cut points of the trunk (every later node depends on the input only
 through them) at block outputs, named by the block's module path; ``F`` is ``output``.
-Anything the engine cannot split raises :class:`UnsupportedModelError` naming the node.
+An op with no channel rule (concatenation, shuffle, permute, LayerNorm, reshape) is
+*whole*: every tensor it reads or writes, and everything tied to those channel by
+channel, is computed in full by every stage, so the model still converts (depth-only
+where nothing else is left to split) and ``why`` says which op kept what whole.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,15 +33,25 @@ from s2d.errors import UnsupportedModelError
 OUTPUT_EXIT = "output"
 
 
+def channels(width: float, c: int, quantum: int = 1) -> int:
+    """Channels of a C-channel tensor that a stage of this width owns: a prefix of at least one unit.
+
+    A unit is ``quantum`` channels: a grouped conv's input or output splits only between whole groups.
+    """
+    units = c // quantum
+    return quantum * min(units, max(1, round(width * units)))
+
+
 class Rule(str, Enum):
     """How a trunk node maps channels of its inputs to channels of its output."""
 
     INPUT = "input"  # the image: never split, every stage reads all of it
     CONV = "conv"  # dense conv: output channels read (a prefix of) input channels
-    DEPTHWISE = "depthwise"  # conv with groups == channels: channel i reads channel i
+    GROUPED = "grouped"  # conv with groups > 1: output group i reads input group i (depthwise: one channel each)
     NORM = "norm"  # batch norm: per-channel parameters and statistics
     CHANNELWISE = "channelwise"  # activation, pooling, dropout: channel i -> channel i
     BINARY = "binary"  # add / mul of two tensors with the same channels
+    WHOLE = "whole"  # any other op (concat, shuffle, permute, LayerNorm, shapes): every stage computes all of it
 
 
 _CHANNELWISE_MODULES = (
@@ -97,10 +111,16 @@ class TrunkNode:
     inputs: list[str]  # names of trunk nodes read (tensor inputs only)
     section: int = 0
     module: nn.Module | None = None
+    quantum: int = 1  # channels per unit a width split keeps whole (a grouped conv's group)
+    why: str = ""  # for a WHOLE node: why it cannot be split
 
     @property
     def name(self) -> str:
         return self.node.name
+
+    def width_channels(self, width: float) -> int:
+        """Channels of this node a stage of ``width`` owns (all of the image)."""
+        return self.channels if self.rule is Rule.INPUT else channels(width, self.channels, self.quantum)
 
 
 @dataclass
@@ -111,6 +131,10 @@ class Exit:
     channels: int
     spatial: tuple[int, int]
     section: int
+    quantum: int = 1
+
+    def width_channels(self, width: float) -> int:
+        return channels(width, self.channels, self.quantum)
 
 
 @dataclass
@@ -167,7 +191,7 @@ def _where(node: fx.Node) -> str:
 def _unsupported(node: fx.Node, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"cannot split node {node.name!r} (op {node.op} {_target_name(node)}{_where(node)}): {why}; "
-        "s2d supports dense/depthwise convs, batch norm, channel-wise activations/pooling, add and mul"
+        "s2d supports dense/grouped convs, batch norm, channel-wise activations/pooling, add and mul"
     )
 
 
@@ -183,6 +207,25 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+
+def _is_map(node: fx.Node) -> bool:
+    """Whether the node outputs a 4D tensor (sizes, scalars and other ranks are not feature maps)."""
+    return len(_shape(node) or ()) == 4
+
+
+def channel_dim(shape: tuple[int, ...], channels: int) -> int | None:
+    """The dim of a parameter of ``shape`` that lines up with dim 1 of an (N, C, H, W) map when broadcast
+    (a layer scale of shape (C, 1, 1)), if it holds one value per channel; None otherwise."""
+    if len(shape) > 4 or math.prod(shape) != channels:
+        return None
+    dim = 1 - (4 - len(shape))
+    return dim if dim >= 0 and shape[dim] == channels else None
+
+
+def _numel(node: fx.Node) -> int:
+    shape = _shape(node)
+    return math.prod(shape) if shape is not None else 1
 
 
 def _is_pooling(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -203,42 +246,61 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Rule, nn.Module | None]:
+def _batch_norm_owner(node: fx.Node, modules: dict[str, nn.Module]) -> nn.BatchNorm2d | None:
+    """The batch norm module whose own statistics a ``F.batch_norm`` call reads (a norm + activation module
+    such as timm's ``BatchNormAct2d`` traces to one), so the call splits like that module."""
+    stats = node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
+    if not isinstance(stats, fx.Node) or stats.op != "get_attr":
+        return None
+    owner = modules.get(stats.target.rpartition(".")[0])
+    return owner if isinstance(owner, nn.BatchNorm2d) else None
+
+
+def _spatial_reduction(node: fx.Node) -> bool:
+    """``x.mean((2, 3), keepdim=True)`` and the like: per channel, keeping a 4D map."""
+    if node.target not in ("mean", "amax", "amin", "sum", torch.mean, torch.amax, torch.amin, torch.sum):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    keep = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
+    return bool(keep) and isinstance(dims, tuple | list) and all(isinstance(d, int) and d % 4 in (2, 3)
+                                                                   for d in dims)
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Rule, nn.Module | None, str]:
+    """The node's channel rule, its module, and (for :attr:`Rule.WHOLE`) why it cannot be split."""
     if node.op == "placeholder":
-        return Rule.INPUT, None
+        return Rule.INPUT, None, ""
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, nn.Conv2d):
-            if m.groups == 1:
-                return Rule.CONV, m
-            if m.groups == m.in_channels == m.out_channels:
-                return Rule.DEPTHWISE, m
-            raise _unsupported(node, f"grouped conv (groups={m.groups}, {m.in_channels}->{m.out_channels} "
-                                     "channels) whose groups a channel split would break")
+            return (Rule.CONV if m.groups == 1 else Rule.GROUPED), m, ""
         if isinstance(m, nn.BatchNorm2d):
-            return Rule.NORM, m
+            return Rule.NORM, m, ""
         if isinstance(m, _CHANNELWISE_MODULES):
-            return Rule.CHANNELWISE, m
+            return Rule.CHANNELWISE, m, ""
         if isinstance(m, nn.ChannelShuffle):
-            raise _unsupported(node, "channel shuffle mixes channels across stages")
-        raise _unsupported(node, f"module type {type(m).__name__} has no channel rule")
+            return Rule.WHOLE, m, "channel shuffle mixes channels across groups"
+        return Rule.WHOLE, m, f"module {type(m).__name__} has no channel rule"
     if node.op == "call_function":
-        if node.target in _CHANNELWISE_FUNCTIONS:
-            return Rule.CHANNELWISE, None
+        if node.target is F.batch_norm and (bn := _batch_norm_owner(node, modules)) is not None:
+            return Rule.NORM, bn, ""
+        if node.target in _CHANNELWISE_FUNCTIONS or _spatial_reduction(node):
+            return Rule.CHANNELWISE, None, ""
         if node.target in _BINARY_FUNCTIONS:
-            return Rule.BINARY, None
+            return Rule.BINARY, None, ""
         if node.target in _KNOWN_CONCAT:
-            raise _unsupported(node, "channel concat (DenseNet/Inception-style) ties channels of different tensors")
+            return Rule.WHOLE, None, "concatenation ties the channels of several tensors"
         if node.target is F.channel_shuffle or "shuffle" in _target_name(node):
-            raise _unsupported(node, "channel shuffle mixes channels across stages")
-        raise _unsupported(node, "unknown function")
+            return Rule.WHOLE, None, "channel shuffle mixes channels across groups"
+        return Rule.WHOLE, None, f"function {_target_name(node)} has no channel rule"
     if node.op == "call_method":
-        if node.target in _CHANNELWISE_METHODS:
-            return Rule.CHANNELWISE, None
+        if node.target in _CHANNELWISE_METHODS or _spatial_reduction(node):
+            return Rule.CHANNELWISE, None, ""
         if node.target in _BINARY_METHODS:
-            return Rule.BINARY, None
-        raise _unsupported(node, "unknown tensor method (reshapes/views inside the trunk cannot be split)")
-    raise _unsupported(node, "unexpected node kind")
+            return Rule.BINARY, None, ""
+        return Rule.WHOLE, None, f"tensor method {node.target} has no channel rule"
+    return Rule.WHOLE, None, f"{node.op} node"
 
 
 def _cut_points(nodes: list[fx.Node]) -> set[str]:
@@ -289,6 +351,76 @@ def _block_name(node: fx.Node, scope_out: dict[str, str], modules: dict[str, nn.
     return max(leaves, key=lambda s: s.count("."), default=None)
 
 
+def _set_quanta(trunk: list[TrunkNode]) -> None:
+    """Give every node the unit a width split must keep whole.
+
+    Channel i of a norm, activation or binary op reads channel i of its inputs, and a
+    grouped conv's group i reads group i: all such tensors must be cut after the same
+    number of units. They form one component (union-find); its unit count is the gcd of
+    the group counts of its grouped convs (every node's own channels otherwise), and a
+    component that touches the image or a :attr:`Rule.WHOLE` op has one unit: neither is ever split.
+    """
+    parent = {t.name: t.name for t in trunk}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for t in trunk:
+        metadata = "tensor_meta" not in t.node.meta  # a shape, rank or assert reads no channel values
+        if t.rule not in (Rule.INPUT, Rule.CONV) and not metadata:
+            for a in t.inputs:
+                parent[find(a)] = find(t.name)
+    units: dict[str, int] = {}
+    for t in trunk:
+        root = find(t.name)
+        if t.rule in (Rule.INPUT, Rule.WHOLE):
+            units[root] = 1
+        elif t.rule is Rule.GROUPED and units.get(root) != 1:
+            units[root] = math.gcd(units.get(root, 0), t.module.groups)
+    for t in trunk:  # groups that do not divide a tied tensor's channels: keep the component whole
+        if t.channels % units.get(find(t.name), 1):
+            units[find(t.name)] = 1
+    for t in trunk:
+        u = units.get(find(t.name))
+        t.quantum = t.channels // u if u else 1
+
+
+def _channels_first(trunk: list[TrunkNode]) -> set[str]:
+    """Names of the nodes whose output has channels on dim 1.
+
+    Convs and norms need it; element-wise ops keep their inputs' layout; a whole op
+    (concat, view, permute) is channels-first when it concatenates on dim 1 or when its
+    output has the shape of the nearest channels-first tensor it derives from (a channel
+    shuffle's view back, ConvNeXt's permute back), not after a permute to channels-last.
+    """
+    by_name = {t.name: t for t in trunk}
+    nchw: set[str] = set()
+    for t in trunk:
+        shape = _shape(t.node)
+        if t.rule in (Rule.INPUT, Rule.CONV, Rule.GROUPED, Rule.NORM):
+            ok = True
+        elif not _is_map(t.node):
+            ok = False
+        elif t.rule in (Rule.CHANNELWISE, Rule.BINARY):
+            ok = all(a in nchw for a in t.inputs)
+        elif t.node.target in _KNOWN_CONCAT:
+            dim = t.node.kwargs.get("dim", t.node.args[1] if len(t.node.args) > 1 else 0)
+            ok = dim == 1 and all(a in nchw for a in t.inputs)
+        else:  # the nearest channels-first ancestors, breadth first
+            frontier, seen, found = list(t.inputs), set(), []
+            while frontier and not found:
+                found = [a for a in frontier if a in nchw]
+                seen.update(frontier)
+                frontier = [b for a in frontier for b in by_name[a].inputs if b not in seen]
+            ok = any(_shape(by_name[a].node) == shape for a in found)
+        if ok:
+            nchw.add(t.name)
+    return nchw
+
+
 def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
     """Trace ``model`` (C, H, W input) and build its :class:`ModelGraph`."""
     model = model.eval()
@@ -303,15 +435,19 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
     if len(placeholders) != 1:
         raise UnsupportedModelError(f"the model takes {len(placeholders)} inputs; s2d needs exactly one image input")
 
-    # The classifier boundary: the first node whose output is not a 4D feature map.
-    boundary = next((i for i, n in enumerate(nodes) if n.op != "placeholder" and len(_shape(n) or ()) != 4), None)
+    # The classifier boundary: the first cut point whose output is a tensor but not a 4D feature map (a
+    # reshape inside a block, such as a channel shuffle's 5D view, is not a cut point; a chunk's tuple is no
+    # tensor).
+    cuts = _cut_points(nodes)
+    boundary = next((i for i, n in enumerate(nodes)
+                     if n.op != "placeholder" and n.name in cuts and _shape(n) is not None and not _is_map(n)),
+                    None)
     if boundary is None:
         raise UnsupportedModelError("the model never leaves 4D feature maps; s2d needs an image classifier")
-    end = boundary  # trunk is nodes[:end]; trailing pooling belongs to the tail (the head pools too)
-    while end > 1 and _is_pooling(nodes[end - 1], modules):
+    end = boundary  # trunk is nodes[:end]; trailing pooling and shape queries belong to the tail (heads pool too)
+    while end > 1 and (_is_pooling(nodes[end - 1], modules) or not _is_map(nodes[end - 1])):
         end -= 1
     trunk_fx, tail = nodes[:end], nodes[end:]
-    cuts = _cut_points(nodes)
     last = trunk_fx[-1]
     if last.name not in cuts:
         raise _unsupported(last, "the last feature map is not a cut point of the graph")
@@ -323,40 +459,47 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
     trunk: list[TrunkNode] = []
     names = set()
     for i, n in enumerate(trunk_fx):
-        rule, module = _classify(n, modules)
-        shape = _shape(n)
-        if shape is None or len(shape) != 4:
-            raise _unsupported(n, f"output is not a 4D feature map (shape {shape})")
+        rule, module, why = _classify(n, modules)
+        shape = _shape(n) or ()
+        if rule is not Rule.INPUT and not _is_map(n):
+            rule, why = Rule.WHOLE, why or f"output is a {len(shape)}D tensor, not a feature map"
+        if rule in (Rule.BINARY, Rule.CHANNELWISE):
+            chans = {(_shape(a) or (0, 0))[1] for a in _tensor_inputs(n)}
+            params = [a for a in n.all_input_nodes if a.op == "get_attr" and _numel(a) > 1
+                      and channel_dim(_shape(a) or (), shape[1] if len(shape) == 4 else -1) is None]
+            if len(chans) > 1 or params:
+                rule, why = Rule.WHOLE, "broadcasts over channels (inputs with different channel counts, or a " \
+                                        "parameter that is not one value per channel)"
         ins = [a.name for a in _tensor_inputs(n)]
-        if rule is Rule.BINARY:
-            tensors = [a for a in _tensor_inputs(n)]
-            chans = {(_shape(a) or (0, 0))[1] for a in tensors}
-            if len(chans) > 1:
-                raise _unsupported(n, f"binary op on tensors with different channel counts {sorted(chans)}")
         for a in ins:
             if a not in names:
                 raise _unsupported(n, f"reads {a!r} which is not part of the trunk")
         names.add(n.name)
-        trunk.append(TrunkNode(n, i, rule, shape[1], (shape[2], shape[3]), ins, module=module))
+        chans, spatial = (shape[1], (shape[2], shape[3])) if len(shape) == 4 else (1, (1, 1))
+        trunk.append(TrunkNode(n, i, rule, chans, spatial, ins, module=module, why=why))
+
+    _set_quanta(trunk)
 
     # Exit candidates: cut points at the end of a chain of channel-wise ops, at block outputs.
     scope_out = _scope_outputs(trunk_fx)
     rule_of = {t.name: t.rule for t in trunk}
     exits: list[Exit] = []
+    nchw = _channels_first(trunk)
     for t in trunk[1:-1]:
-        if t.name not in cuts:
-            continue
+        if t.name not in cuts or t.name not in nchw:
+            continue  # a head reads channels on dim 1: not after a permute to channels-last
         users = [u.name for u in t.node.users if u.name in names]
         if len(users) == 1 and rule_of[users[0]] in (Rule.NORM, Rule.CHANNELWISE):
             continue
         block = _block_name(t.node, scope_out, modules)
         if block is not None:
-            exits.append(Exit(block, t.name, t.index, t.channels, t.spatial, 0))
+            exits.append(Exit(block, t.name, t.index, t.channels, t.spatial, 0, t.quantum))
     # Drop exits nested inside another exit's block (e.g. an expansion inside an inverted residual).
     exit_names = {e.name for e in exits}
     exits = [e for e in exits if not any(e.name.startswith(o + ".") for o in exit_names)]
     exits = [e for e in exits if e.name != _block_name(last, scope_out, modules)]
-    exits.append(Exit(OUTPUT_EXIT, last.name, len(trunk) - 1, trunk[-1].channels, trunk[-1].spatial, 0))
+    exits.append(Exit(OUTPUT_EXIT, last.name, len(trunk) - 1, trunk[-1].channels, trunk[-1].spatial, 0,
+                      trunk[-1].quantum))
 
     # Sections: runs of exits at the same resolution; every node belongs to the section of the next exit.
     section, prev = 0, exits[0].spatial

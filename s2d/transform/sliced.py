@@ -19,38 +19,39 @@ from torch import nn
 class SlicedConv2d(nn.Module):
     """Output channels ``out_range`` from input channels ``in_range`` of ``conv``.
 
-    For a depthwise conv the two ranges are the same channels.
+    For a grouped (or depthwise) conv both ranges cover whole groups, and the slice is a
+    grouped conv over just those groups.
     """
 
     def __init__(self, conv: nn.Conv2d, out_range: tuple[int, int], in_range: tuple[int, int] | None,
-                 depthwise: bool) -> None:
+                 grouped: bool = False) -> None:
         super().__init__()
         self.conv = conv
-        self.out_range, self.in_range, self.depthwise = out_range, in_range, depthwise
+        self.out_range, self.in_range, self.grouped = out_range, in_range, grouped
+        o0, o1 = out_range
+        self.groups = (o1 - o0) * conv.groups // conv.out_channels if grouped else 1
 
     def _weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         o0, o1 = self.out_range
         w = self.conv.weight[o0:o1]
-        if not self.depthwise and self.in_range is not None:
+        if not self.grouped and self.in_range is not None:
             w = w[:, self.in_range[0]:self.in_range[1]]
         b = self.conv.bias[o0:o1] if self.conv.bias is not None else None
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._weight()
-        groups = w.shape[0] if self.depthwise else 1
         c = self.conv
         if c.padding_mode != "zeros":  # reflect/replicate/circular pad each channel on its own, as nn.Conv2d does
             x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
-            return F.conv2d(x, w, b, c.stride, 0, c.dilation, groups)
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, groups)
+            return F.conv2d(x, w, b, c.stride, 0, c.dilation, self.groups)
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, self.groups)
 
     def materialise(self) -> nn.Conv2d:
         w, b = self._weight()
         c = self.conv
-        groups = w.shape[0] if self.depthwise else 1
-        conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], c.kernel_size, c.stride, c.padding, c.dilation,
-                         groups, b is not None, padding_mode=c.padding_mode).to(w.device)
+        conv = nn.Conv2d(w.shape[1] * self.groups, w.shape[0], c.kernel_size, c.stride, c.padding, c.dilation,
+                         self.groups, b is not None, padding_mode=c.padding_mode).to(w.device)
         with torch.no_grad():
             conv.weight.copy_(w)
             if b is not None:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from s2d.transform.arch import MultiStageArch, channels
-from s2d.transform.graph import ModelGraph, Rule, TrunkNode
+from s2d.transform.arch import MultiStageArch
+from s2d.transform.graph import ModelGraph, Rule, TrunkNode, channel_dim
 from s2d.transform.sliced import FrozenModule, SlicedBatchNorm2d, SlicedConv2d
 
 
@@ -44,13 +44,13 @@ class StageGeometry:
     prev_width: float
 
     def c(self, t: TrunkNode) -> int:
-        return t.channels if t.rule is Rule.INPUT else channels(self.width, t.channels)
+        return t.width_channels(self.width)
 
     def k(self, t: TrunkNode) -> int:
         """Channels of ``t`` already computed (and cached) by earlier stages."""
         if t.rule is Rule.INPUT or t.index > self.prev_exit_index:
             return 0
-        return channels(self.prev_width, t.channels)
+        return t.width_channels(self.prev_width)
 
 
 def geometries(graph: ModelGraph, arch: MultiStageArch) -> list[StageGeometry]:
@@ -107,11 +107,28 @@ class _Emitter:
         self.memo[name, a, b] = out
         return out
 
+    def attr(self, target: str, owner: nn.Module | None = None, prefix: str = "attr",
+             channel_range: tuple[int, int] | None = None, channels: int = 0) -> fx.Node:
+        """A parameter or buffer of ``owner`` (the static model) that an op reads, such as a layer scale:
+        shared, not copied, so supernet training updates it like a conv's weight. With ``channel_range``, a
+        per-channel one is narrowed to those channels of a ``channels``-channel map."""
+        name = f"{prefix}_{target.replace('.', '_')}"
+        value = owner if owner is not None else self.graph.gm
+        for part in target.split("."):
+            value = getattr(value, part)
+        self.modules[name] = value
+        node = self.g.get_attr(name)
+        dim = channel_dim(tuple(value.shape), channels) if channel_range is not None else None
+        if dim is None or channel_range == (0, channels):
+            return node
+        a, b = channel_range
+        return self.g.call_function(torch.narrow, (node, dim, a, b - a))
+
     def _conv_input_range(self, t: TrunkNode, p: TrunkNode) -> tuple[int, int]:
         c_in = self.geo.c(p)
         if p.rule is Rule.INPUT or self.geo.k(t) == 0 or self.arch.stages[self.geo.index].reuse_in(t.section):
             return 0, c_in
-        own = channels(self.geo.prev_width, p.channels)
+        own = p.width_channels(self.geo.prev_width)
         return (own, c_in) if own < c_in else (0, c_in)  # no own input channels: read what exists
 
     def node(self, t: TrunkNode) -> None:
@@ -119,22 +136,30 @@ class _Emitter:
         if c <= k:
             return  # every channel of this node is cached
         name, fxn = t.name, t.node
-        if t.rule in (Rule.CONV, Rule.DEPTHWISE):
+        if t.rule in (Rule.CONV, Rule.GROUPED):
             p = self.graph.by_name[t.inputs[0]]
             if t.rule is Rule.CONV:
                 lo, hi = self._conv_input_range(t, p)
-                mod = SlicedConv2d(t.module, (k, c), None if p.rule is Rule.INPUT else (lo, hi), depthwise=False)
-                inp = self.slice(p.name, lo, hi)
-            else:
-                mod = SlicedConv2d(t.module, (k, c), (k, c), depthwise=True)
-                inp = self.slice(p.name, k, c)
+                mod = SlicedConv2d(t.module, (k, c), None if p.rule is Rule.INPUT else (lo, hi))
+            else:  # the new output groups read their own input groups
+                per_out, per_in = t.channels // t.module.groups, p.channels // t.module.groups
+                lo, hi = k // per_out * per_in, c // per_out * per_in
+                mod = SlicedConv2d(t.module, (k, c), (lo, hi), grouped=True)
+            inp = self.slice(p.name, lo, hi)
             self.new[name] = self.g.call_module(self._module(f"m_{name}", mod), (inp,))
         elif t.rule is Rule.NORM:
             inp = self.slice(t.inputs[0], k, c)
             self.new[name] = self.g.call_module(self._module(f"m_{name}", SlicedBatchNorm2d(t.module, (k, c))), (inp,))
-        else:  # channel-wise and binary ops: same op on the new channels of every tensor input
+        else:  # channel-wise and binary ops: the same op on the new channels of every input; whole ops: on all
             def arg(a):
-                return self.slice(a.name, k, c) if isinstance(a, fx.Node) else a
+                if not isinstance(a, fx.Node):
+                    return a
+                if a.op == "get_attr":
+                    return self.attr(a.target, channel_range=None if t.rule is Rule.WHOLE else (k, c),
+                                     channels=t.channels)
+                if t.rule is Rule.WHOLE:
+                    return self.slice(a.name, 0, self.geo.c(self.graph.by_name[a.name]))
+                return self.slice(a.name, k, c)
 
             args = fx.node.map_arg(fxn.args, arg)
             kwargs = fx.node.map_arg(fxn.kwargs, arg)
@@ -163,13 +188,18 @@ class _Emitter:
         """Copy static-graph ``nodes`` into this stage (``env`` maps their inputs), calling ``owner``'s modules
         (through ``wrap``) under ``prefix``-ed names."""
         modules = dict(owner.named_modules())
+
+        def lookup(a: fx.Node) -> fx.Node:
+            if a not in env and a.op == "get_attr":
+                env[a] = self.attr(a.target, owner, prefix)
+            return env[a]
+
         for n in nodes:
             if n.op == "call_module":
                 target = self._module(f"{prefix}_{n.target.replace('.', '_')}", wrap(modules[n.target]))
-                env[n] = self.g.call_module(target, fx.node.map_arg(n.args, env.__getitem__),
-                                            fx.node.map_arg(n.kwargs, env.__getitem__))
-            else:
-                env[n] = self.g.node_copy(n, env.__getitem__)
+                env[n] = self.g.call_module(target, fx.node.map_arg(n.args, lookup), fx.node.map_arg(n.kwargs, lookup))
+            elif n.op != "get_attr":
+                env[n] = self.g.node_copy(n, lookup)
 
     def recompute(self, reference: nn.Module) -> None:
         """The static network inlined from the image (no cache read), on ``reference``'s frozen weights, so
@@ -244,6 +274,9 @@ def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
     for name, m in stage._modules.items():  # not named_children(): it drops modules registered twice
         copied = isinstance(m, SlicedConv2d | SlicedBatchNorm2d | FrozenModule)
         modules[name] = m.materialise() if copied else copy.deepcopy(m)
+    for n in stage.graph.nodes:  # parameters and buffers read directly by ops (layer scales)
+        if n.op == "get_attr":
+            modules[n.target] = getattr(stage, n.target).detach().clone()
     gm = fx.GraphModule(modules, copy.deepcopy(stage.graph), stage.__class__.__name__)
     gm.eval()
     if fold_bn:

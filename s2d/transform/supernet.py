@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from s2d.transform.arch import WIDTH_GRID, MultiStageArch, channels
+from s2d.transform.arch import WIDTH_GRID, MultiStageArch
 from s2d.transform.dynamic import DynamicNet
 from s2d.transform.exit_rule import NEVER_EXIT
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, analyze
@@ -46,7 +46,7 @@ class SuperNet(nn.Module):
             for w in self.widths:
                 if e.name == OUTPUT_EXIT and w == 1.0:
                     continue  # the static classifier (the tail) serves here
-                heads[head_key(e.name, w)] = ExitHead(channels(w, e.channels), num_classes, e.spatial)
+                heads[head_key(e.name, w)] = ExitHead(e.width_channels(w), num_classes, e.spatial)
         self.heads = nn.ModuleDict(heads)
         self._plans: OrderedDict[str, StagePlan] = OrderedDict()
         self._plan_cache_size = plan_cache_size
