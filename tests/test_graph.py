@@ -139,14 +139,32 @@ def _named_node(message: str) -> str:
     return m.group(1)
 
 
-def test_channel_concat_is_kept_whole():
-    """A concat ties its inputs' channels: they, and what is tied to them channel by channel, stay whole;
-    the conv after it still splits."""
+def test_channel_concat_splits_per_segment():
+    """Each concatenated input keeps its own segment: a width-w stage owns every segment's own prefix."""
     graph = analyze(_DenseBlockNet(), (3, 16, 16))
-    whole = {t.name for t in graph.trunk if t.quantum == t.channels}
-    assert {"cat", "relu", "relu_1", "stem", "grow"} <= whole
-    assert "concat" in graph.by_name["cat"].why and graph.by_name["cat"].rule.value == "whole"
-    assert graph.by_name["trans"].quantum == 1 and graph.by_name["trans"].width_channels(0.5) == 4
+    cat = graph.by_name["cat"]
+    assert cat.rule.value == "concat" and [(off, a.name) for off, a in cat.segments] == [(0, "relu"), (8, "relu_1")]
+    assert cat.owned(0.5) == [0, 1, 2, 3, 8, 9] and cat.width_channels(0.5) == 6 and cat.owned(1.0) == list(range(12))
+    assert graph.by_name["relu"].quantum == 1 and graph.by_name["trans"].width_channels(0.5) == 4
+
+
+class _ConcatPlusConv(nn.Module):
+    """A concat added to a conv's output: the add ties the concat's channels to a prefix, so it stays whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.cat([self.a(x), self.b(x)], 1) + self.c(x)).flatten(1))
+
+
+def test_concat_tied_to_another_tensor_is_whole():
+    graph = analyze(_ConcatPlusConv(), (3, 8, 8))
+    assert graph.by_name["cat"].rule.value == "whole" and "tied" in graph.by_name["cat"].why
+    assert all(graph.by_name[n].width_channels(0.25) == graph.by_name[n].channels for n in ("a", "b", "c", "add"))
 
 
 def test_shufflenet_splits_around_its_shuffles():

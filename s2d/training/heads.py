@@ -94,7 +94,7 @@ def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: i
             key = head_key(e.name, w)
             if key in supernet.heads:
                 with torch.enable_grad():
-                    _fit_linear(supernet.heads[key].fc, feats[:, :e.width_channels(w)].flatten(1), split.labels,
+                    _fit_linear(supernet.heads[key].fc, feats[:, e.owned(w)].flatten(1), split.labels,
                                 epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
                 fitted += 1
     return fitted

@@ -51,6 +51,7 @@ class Rule(str, Enum):
     NORM = "norm"  # batch norm: per-channel parameters and statistics
     CHANNELWISE = "channelwise"  # activation, pooling, dropout: channel i -> channel i
     BINARY = "binary"  # add / mul of two tensors with the same channels
+    CONCAT = "concat"  # concatenation on channels: each input keeps its own segment, split by its own rule
     WHOLE = "whole"  # any other op (concat, shuffle, permute, LayerNorm, shapes): every stage computes all of it
 
 
@@ -113,6 +114,11 @@ class TrunkNode:
     module: nn.Module | None = None
     quantum: int = 1  # channels per unit a width split keeps whole (a grouped conv's group)
     why: str = ""  # for a WHOLE node: why it cannot be split
+    # Where the channels are a concatenation (the concat and what is tied to it channel by channel): the concat
+    # node and its inputs with their channel offsets. None where a stage owns a prefix.
+    source: TrunkNode | None = None
+    segments: list[tuple[int, TrunkNode]] | None = None
+    _owned: dict[float, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -120,7 +126,19 @@ class TrunkNode:
 
     def width_channels(self, width: float) -> int:
         """Channels of this node a stage of ``width`` owns (all of the image)."""
+        if self.segments is not None:
+            return len(self.owned(width))
         return self.channels if self.rule is Rule.INPUT else channels(width, self.channels, self.quantum)
+
+    def owned(self, width: float) -> list[int]:
+        """The channels a stage of ``width`` owns, in canonical order: a prefix, or after a concatenation
+        each segment's own channels at its offset, segment after segment."""
+        if width not in self._owned:
+            if self.segments is None:
+                self._owned[width] = list(range(self.width_channels(width)))
+            else:
+                self._owned[width] = [off + i for off, seg in self.segments for i in seg.owned(width)]
+        return self._owned[width]
 
 
 @dataclass
@@ -131,10 +149,14 @@ class Exit:
     channels: int
     spatial: tuple[int, int]
     section: int
-    quantum: int = 1
+    trunk_node: TrunkNode | None = field(default=None, repr=False)
 
     def width_channels(self, width: float) -> int:
-        return channels(width, self.channels, self.quantum)
+        return self.trunk_node.width_channels(width)
+
+    def owned(self, width: float) -> list[int]:
+        """Channels of the exit's features a head of this width reads (see :meth:`TrunkNode.owned`)."""
+        return self.trunk_node.owned(width)
 
 
 @dataclass
@@ -290,7 +312,10 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Rule, nn.Mo
         if node.target in _BINARY_FUNCTIONS:
             return Rule.BINARY, None, ""
         if node.target in _KNOWN_CONCAT:
-            return Rule.WHOLE, None, "concatenation ties the channels of several tensors"
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if node.target is not torch.stack and dim in (1, -3):
+                return Rule.CONCAT, None, ""
+            return Rule.WHOLE, None, "concatenation on a dim other than channels"
         if node.target is F.channel_shuffle or "shuffle" in _target_name(node):
             return Rule.WHOLE, None, "channel shuffle mixes channels across groups"
         return Rule.WHOLE, None, f"function {_target_name(node)} has no channel rule"
@@ -351,15 +376,8 @@ def _block_name(node: fx.Node, scope_out: dict[str, str], modules: dict[str, nn.
     return max(leaves, key=lambda s: s.count("."), default=None)
 
 
-def _set_quanta(trunk: list[TrunkNode]) -> None:
-    """Give every node the unit a width split must keep whole.
-
-    Channel i of a norm, activation or binary op reads channel i of its inputs, and a
-    grouped conv's group i reads group i: all such tensors must be cut after the same
-    number of units. They form one component (union-find); its unit count is the gcd of
-    the group counts of its grouped convs (every node's own channels otherwise), and a
-    component that touches the image or a :attr:`Rule.WHOLE` op has one unit: neither is ever split.
-    """
+def _components(trunk: list[TrunkNode]) -> list[list[TrunkNode]]:
+    """Nodes whose channels are tied one to one (see :func:`_tie_channels`), by union-find."""
     parent = {t.name: t.name for t in trunk}
 
     def find(n: str) -> str:
@@ -370,22 +388,62 @@ def _set_quanta(trunk: list[TrunkNode]) -> None:
 
     for t in trunk:
         metadata = "tensor_meta" not in t.node.meta  # a shape, rank or assert reads no channel values
-        if t.rule not in (Rule.INPUT, Rule.CONV) and not metadata:
+        if t.rule not in (Rule.INPUT, Rule.CONV, Rule.CONCAT) and not metadata:
             for a in t.inputs:
                 parent[find(a)] = find(t.name)
-    units: dict[str, int] = {}
+    members: dict[str, list[TrunkNode]] = {}
     for t in trunk:
-        root = find(t.name)
-        if t.rule in (Rule.INPUT, Rule.WHOLE):
-            units[root] = 1
-        elif t.rule is Rule.GROUPED and units.get(root) != 1:
-            units[root] = math.gcd(units.get(root, 0), t.module.groups)
-    for t in trunk:  # groups that do not divide a tied tensor's channels: keep the component whole
-        if t.channels % units.get(find(t.name), 1):
-            units[find(t.name)] = 1
-    for t in trunk:
-        u = units.get(find(t.name))
-        t.quantum = t.channels // u if u else 1
+        members.setdefault(find(t.name), []).append(t)
+    return list(members.values())
+
+
+def _tie_channels(trunk: list[TrunkNode]) -> None:
+    """Decide, for every node, which channels a stage of a given width owns.
+
+    Channel i of a norm, activation or binary op reads channel i of its inputs, and a
+    grouped conv's group i reads group i: such tensors form one component (union-find)
+    that must be cut alike. A component is fed by its *sources*: dense convs, the image,
+    concatenations. Fed by convs only, it is cut after the same number of units; its unit
+    count is the gcd of the group counts of its grouped convs (its channels otherwise).
+    Fed by one concatenation only (and free of grouped convs), each segment keeps its own
+    channels. A component with the image or a :attr:`Rule.WHOLE` op in it has one unit:
+    it is never split; so is one where a concatenation meets another source, and then the
+    concatenation's inputs too (it reads all of them).
+    """
+    by_name = {t.name: t for t in trunk}
+    while True:
+        groups = _components(trunk)
+        demoted = False
+        for group in groups:
+            concats = [t for t in group if t.rule is Rule.CONCAT]
+            sources = [t for t in group if t.rule in (Rule.CONV, Rule.CONCAT, Rule.INPUT)]
+            mixed = any(t.rule in (Rule.GROUPED, Rule.WHOLE, Rule.INPUT) for t in group)
+            if concats and (len(sources) > 1 or mixed):
+                for t in concats:
+                    t.rule, t.why = Rule.WHOLE, "concatenation whose channels are also tied to another tensor"
+                demoted = True
+        if not demoted:
+            break
+    for group in groups:
+        concat = next((t for t in group if t.rule is Rule.CONCAT), None)
+        if concat is not None:
+            segments, off = [], 0
+            for a in concat.node.args[0]:
+                segments.append((off, by_name[a.name]))
+                off += by_name[a.name].channels
+            for t in group:
+                t.source, t.segments = concat, segments
+            continue
+        units = 0
+        for t in group:
+            if t.rule in (Rule.INPUT, Rule.WHOLE):
+                units = 1
+            elif t.rule is Rule.GROUPED and units != 1:
+                units = math.gcd(units, t.module.groups)
+        if units and any(t.channels % units for t in group):  # groups that do not divide a tied tensor
+            units = 1
+        for t in group:
+            t.quantum = t.channels // units if units else 1
 
 
 def _channels_first(trunk: list[TrunkNode]) -> set[str]:
@@ -478,7 +536,7 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
         chans, spatial = (shape[1], (shape[2], shape[3])) if len(shape) == 4 else (1, (1, 1))
         trunk.append(TrunkNode(n, i, rule, chans, spatial, ins, module=module, why=why))
 
-    _set_quanta(trunk)
+    _tie_channels(trunk)
 
     # Exit candidates: cut points at the end of a chain of channel-wise ops, at block outputs.
     scope_out = _scope_outputs(trunk_fx)
@@ -493,13 +551,13 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
             continue
         block = _block_name(t.node, scope_out, modules)
         if block is not None:
-            exits.append(Exit(block, t.name, t.index, t.channels, t.spatial, 0, t.quantum))
+            exits.append(Exit(block, t.name, t.index, t.channels, t.spatial, 0, t))
     # Drop exits nested inside another exit's block (e.g. an expansion inside an inverted residual).
     exit_names = {e.name for e in exits}
     exits = [e for e in exits if not any(e.name.startswith(o + ".") for o in exit_names)]
     exits = [e for e in exits if e.name != _block_name(last, scope_out, modules)]
     exits.append(Exit(OUTPUT_EXIT, last.name, len(trunk) - 1, trunk[-1].channels, trunk[-1].spatial, 0,
-                      trunk[-1].quantum))
+                      trunk[-1]))
 
     # Sections: runs of exits at the same resolution; every node belongs to the section of the next exit.
     section, prev = 0, exits[0].spatial

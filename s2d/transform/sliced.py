@@ -15,27 +15,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+Channels = tuple[int, int] | list[int]  # a range [a, b), or channel indices (after a concatenation)
+
+
+def _index(channels: Channels) -> torch.Tensor | None:
+    """The indices of a selection that is not a range, as a tensor."""
+    return None if isinstance(channels, tuple) else torch.tensor(channels, dtype=torch.long)
+
+
+def _take(t: torch.Tensor, dim: int, channels: Channels, index: torch.Tensor | None) -> torch.Tensor:
+    if index is None:
+        return t.narrow(dim, channels[0], channels[1] - channels[0])
+    return t.index_select(dim, index.to(t.device))
+
 
 class SlicedConv2d(nn.Module):
-    """Output channels ``out_range`` from input channels ``in_range`` of ``conv``.
+    """Output channels ``out_range`` from input channels ``in_channels`` of ``conv``.
 
-    For a grouped (or depthwise) conv both ranges cover whole groups, and the slice is a
-    grouped conv over just those groups.
+    Input channels are a range, or indices where the input is a concatenation whose
+    segments a stage owns in part. For a grouped (or depthwise) conv both ranges cover
+    whole groups, and the slice is a grouped conv over just those groups.
     """
 
-    def __init__(self, conv: nn.Conv2d, out_range: tuple[int, int], in_range: tuple[int, int] | None,
+    def __init__(self, conv: nn.Conv2d, out_range: tuple[int, int], in_channels: Channels | None,
                  grouped: bool = False) -> None:
         super().__init__()
         self.conv = conv
-        self.out_range, self.in_range, self.grouped = out_range, in_range, grouped
+        self.out_range, self.in_channels, self.grouped = out_range, in_channels, grouped
         o0, o1 = out_range
         self.groups = (o1 - o0) * conv.groups // conv.out_channels if grouped else 1
+        self.register_buffer("in_index", _index(in_channels) if in_channels is not None and not grouped else None,
+                             persistent=False)
 
     def _weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         o0, o1 = self.out_range
         w = self.conv.weight[o0:o1]
-        if not self.grouped and self.in_range is not None:
-            w = w[:, self.in_range[0]:self.in_range[1]]
+        if not self.grouped and self.in_channels is not None:
+            w = _take(w, 1, self.in_channels, self.in_index)
         b = self.conv.bias[o0:o1] if self.conv.bias is not None else None
         return w, b
 
@@ -60,45 +76,60 @@ class SlicedConv2d(nn.Module):
 
 
 class SlicedBatchNorm2d(nn.Module):
-    """Channels ``channel_range`` of a shared batch norm.
+    """Channels ``channels`` (a range, or indices) of a shared batch norm.
 
     In training mode the running statistics of those channels are updated in place
-    (slices are views of the shared buffers), with the shared module's momentum.
+    (range slices are views of the shared buffers; index selections are written back),
+    with the shared module's momentum.
     """
 
-    def __init__(self, bn: nn.BatchNorm2d, channel_range: tuple[int, int]) -> None:
+    def __init__(self, bn: nn.BatchNorm2d, channels: Channels) -> None:
         super().__init__()
         self.bn = bn
-        self.channel_range = channel_range
+        self.channels = channels
+        self.register_buffer("index", _index(channels), persistent=False)
+
+    def _take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else _take(t, 0, self.channels, self.index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.channel_range
         bn = self.bn
         use_batch_stats = self.training or bn.running_mean is None
-        return F.batch_norm(
-            x,
-            bn.running_mean[a:b] if bn.running_mean is not None else None,
-            bn.running_var[a:b] if bn.running_var is not None else None,
-            bn.weight[a:b] if bn.weight is not None else None,
-            bn.bias[a:b] if bn.bias is not None else None,
-            use_batch_stats,
-            bn.momentum if bn.momentum is not None else 0.1,
-            bn.eps,
-        )
+        mean, var = self._take(bn.running_mean), self._take(bn.running_var)
+        out = F.batch_norm(x, mean, var, self._take(bn.weight), self._take(bn.bias), use_batch_stats,
+                           bn.momentum if bn.momentum is not None else 0.1, bn.eps)
+        if self.index is not None and self.training and mean is not None:
+            with torch.no_grad():  # index_select copied the statistics: write the updated ones back
+                bn.running_mean.index_copy_(0, self.index.to(mean.device), mean)
+                bn.running_var.index_copy_(0, self.index.to(var.device), var)
+        return out
 
     def materialise(self) -> nn.BatchNorm2d:
-        a, b = self.channel_range
         src = self.bn
-        bn = nn.BatchNorm2d(b - a, src.eps, src.momentum, src.affine, src.track_running_stats).to(
+        n = self.channels[1] - self.channels[0] if self.index is None else len(self.index)
+        bn = nn.BatchNorm2d(n, src.eps, src.momentum, src.affine, src.track_running_stats).to(
             src.weight.device if src.weight is not None else "cpu")
         with torch.no_grad():
             if src.affine:
-                bn.weight.copy_(src.weight[a:b])
-                bn.bias.copy_(src.bias[a:b])
+                bn.weight.copy_(self._take(src.weight))
+                bn.bias.copy_(self._take(src.bias))
             if src.track_running_stats:
-                bn.running_mean.copy_(src.running_mean[a:b])
-                bn.running_var.copy_(src.running_var[a:b])
+                bn.running_mean.copy_(self._take(src.running_mean))
+                bn.running_var.copy_(self._take(src.running_var))
         return bn.eval()
+
+
+class ChannelSelect(nn.Module):
+    """``x.index_select(dim, index)``: puts a concatenation's channels in the order a head or the static
+    classifier expects (at exits only), or picks a per-channel parameter's entries."""
+
+    def __init__(self, index: list[int], dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(self.dim, self.index.to(x.device))
 
 
 HEAD_GRID = 4  # exit heads pool a feature map to (at most) HEAD_GRID x HEAD_GRID cells

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.graph import ModelGraph, Rule, TrunkNode, channel_dim
-from s2d.transform.sliced import FrozenModule, SlicedBatchNorm2d, SlicedConv2d
+from s2d.transform.sliced import Channels, ChannelSelect, FrozenModule, SlicedBatchNorm2d, SlicedConv2d
 
 
 def head_key(exit_name: str, width: float) -> str:
@@ -42,6 +42,8 @@ class StageGeometry:
     prev_exit_index: int  # trunk position of stage s-1's exit, -1 for the first stage
     width: float
     prev_width: float
+    prev: StageGeometry | None = None
+    _layouts: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def c(self, t: TrunkNode) -> int:
         return t.width_channels(self.width)
@@ -52,12 +54,39 @@ class StageGeometry:
             return 0
         return t.width_channels(self.prev_width)
 
+    def layout(self, t: TrunkNode) -> list[int] | None:
+        """The channel of ``t`` held at each position of this stage's tensor (cached positions first, then the
+        new ones), where ``t`` is a concatenation or tied to one; None where positions are channels (a prefix).
+
+        A concatenation's new positions are each segment's new channels, segment after segment.
+        """
+        if t.segments is None:
+            return None
+        src = t.source
+        if src.name not in self._layouts:
+            reached = self.k(src) > 0
+            held = list(self.prev.layout(src)) if reached else []
+            for off, a in src.segments:
+                lo, hi, inner = (self.k(a) if reached else 0), self.c(a), self.layout(a)
+                held.extend(off + i for i in (inner[lo:hi] if inner is not None else range(lo, hi)))
+            self._layouts[src.name] = held
+        return self._layouts[src.name]
+
+    def channels(self, t: TrunkNode, a: int, b: int) -> Channels:
+        """The channels of ``t`` at positions [a, b) of this stage's tensor: a range, or indices."""
+        layout = self.layout(t)
+        if layout is None:
+            return a, b
+        held = layout[a:b]
+        return (held[0], held[-1] + 1) if held == list(range(held[0], held[0] + len(held))) else held
+
 
 def geometries(graph: ModelGraph, arch: MultiStageArch) -> list[StageGeometry]:
-    out, prev_e, prev_w = [], -1, 0.0
+    out, prev_e, prev_w, prev = [], -1, 0.0, None
     for i, st in enumerate(arch.stages):
         e = graph.exit(st.exit).index
-        out.append(StageGeometry(i, i == arch.num_stages - 1, e, prev_e, st.width, prev_w))
+        prev = StageGeometry(i, i == arch.num_stages - 1, e, prev_e, st.width, prev_w, prev)
+        out.append(prev)
         prev_e, prev_w = e, st.width
     return out
 
@@ -108,21 +137,25 @@ class _Emitter:
         return out
 
     def attr(self, target: str, owner: nn.Module | None = None, prefix: str = "attr",
-             channel_range: tuple[int, int] | None = None, channels: int = 0) -> fx.Node:
+             selection: Channels | None = None, channels: int = 0) -> fx.Node:
         """A parameter or buffer of ``owner`` (the static model) that an op reads, such as a layer scale:
-        shared, not copied, so supernet training updates it like a conv's weight. With ``channel_range``, a
-        per-channel one is narrowed to those channels of a ``channels``-channel map."""
+        shared, not copied, so supernet training updates it like a conv's weight. With ``selection``, a
+        per-channel one is cut to those channels of a ``channels``-channel map."""
         name = f"{prefix}_{target.replace('.', '_')}"
         value = owner if owner is not None else self.graph.gm
         for part in target.split("."):
             value = getattr(value, part)
         self.modules[name] = value
         node = self.g.get_attr(name)
-        dim = channel_dim(tuple(value.shape), channels) if channel_range is not None else None
-        if dim is None or channel_range == (0, channels):
+        dim = channel_dim(tuple(value.shape), channels) if selection is not None else None
+        if dim is None or selection == (0, channels):
             return node
-        a, b = channel_range
-        return self.g.call_function(torch.narrow, (node, dim, a, b - a))
+        return self.select(node, selection, dim, f"sel_{name}")
+
+    def select(self, node: fx.Node, selection: Channels, dim: int, key: str) -> fx.Node:
+        if isinstance(selection, tuple):
+            return self.g.call_function(torch.narrow, (node, dim, selection[0], selection[1] - selection[0]))
+        return self.g.call_module(self._module(key, ChannelSelect(selection, dim)), (node,))
 
     def _conv_input_range(self, t: TrunkNode, p: TrunkNode) -> tuple[int, int]:
         c_in = self.geo.c(p)
@@ -140,7 +173,7 @@ class _Emitter:
             p = self.graph.by_name[t.inputs[0]]
             if t.rule is Rule.CONV:
                 lo, hi = self._conv_input_range(t, p)
-                mod = SlicedConv2d(t.module, (k, c), None if p.rule is Rule.INPUT else (lo, hi))
+                mod = SlicedConv2d(t.module, (k, c), None if p.rule is Rule.INPUT else self.geo.channels(p, lo, hi))
             else:  # the new output groups read their own input groups
                 per_out, per_in = t.channels // t.module.groups, p.channels // t.module.groups
                 lo, hi = k // per_out * per_in, c // per_out * per_in
@@ -149,13 +182,18 @@ class _Emitter:
             self.new[name] = self.g.call_module(self._module(f"m_{name}", mod), (inp,))
         elif t.rule is Rule.NORM:
             inp = self.slice(t.inputs[0], k, c)
-            self.new[name] = self.g.call_module(self._module(f"m_{name}", SlicedBatchNorm2d(t.module, (k, c))), (inp,))
+            bn = SlicedBatchNorm2d(t.module, self.geo.channels(t, k, c))
+            self.new[name] = self.g.call_module(self._module(f"m_{name}", bn), (inp,))
+        elif t.rule is Rule.CONCAT:  # each segment's new channels, segment after segment
+            pieces = [self.slice(a.name, self.geo.k(a) if k else 0, self.geo.c(a)) for _, a in t.segments
+                      if self.geo.c(a) > (self.geo.k(a) if k else 0)]
+            self.new[name] = pieces[0] if len(pieces) == 1 else self.g.call_function(torch.cat, (pieces, 1))
         else:  # channel-wise and binary ops: the same op on the new channels of every input; whole ops: on all
             def arg(a):
                 if not isinstance(a, fx.Node):
                     return a
                 if a.op == "get_attr":
-                    return self.attr(a.target, channel_range=None if t.rule is Rule.WHOLE else (k, c),
+                    return self.attr(a.target, selection=None if t.rule is Rule.WHOLE else self.geo.channels(t, k, c),
                                      channels=t.channels)
                 if t.rule is Rule.WHOLE:
                     return self.slice(a.name, 0, self.geo.c(self.graph.by_name[a.name]))
@@ -175,6 +213,12 @@ class _Emitter:
         exit_ = self.graph.exit(self.arch.stages[self.geo.index].exit)
         t = self.graph.by_name[exit_.node]
         feats = self.slice(t.name, 0, self.geo.c(t))
+        layout = self.geo.layout(t)
+        if layout is not None:  # after a concatenation: channels in the order the head (or classifier) reads
+            position = {ch: i for i, ch in enumerate(layout)}
+            order = [position[ch] for ch in t.owned(self.geo.width)]
+            if order != list(range(len(order))):
+                feats = self.select(feats, order, 1, f"order_{t.name}")
         if not (self.geo.last and self.geo.width == 1.0):  # a narrow last stage has a head of its own
             key = head_key(exit_.name, self.geo.width)
             return self.g.call_module(self._module(f"head_{key}", self.heads[key]), (feats,))
