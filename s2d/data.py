@@ -344,7 +344,8 @@ class Batches:
     """Iterates (normalised images, labels) batches of an in-memory split.
 
     ``augment`` applies random crop with padding and (where the dataset allows)
-    horizontal flips, vectorised over the batch.
+    horizontal flips, vectorised over the batch. With ``shard=(rank, ranks)`` a
+    data-parallel rank gets its rows of each global batch.
     """
 
     def __init__(
@@ -357,8 +358,10 @@ class Batches:
         augment: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.split, self.info, self.batch_size = split, info, batch_size
+        self.shard = shard  # (rank, ranks): yield rows rank, rank + ranks, ... of every global batch
         self.shuffle, self.augment, self.device = shuffle, augment, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         c = len(info.mean)
@@ -392,6 +395,8 @@ class Batches:
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
             x = self.normalise(self.split.images[idx])
-            if self.augment:
+            if self.augment:  # the whole global batch, so every rank's rows are what one process would see
                 x = self._augment(x)
-            yield x, self.split.labels[idx].to(self.device)
+            y = self.split.labels[idx].to(self.device)
+            rank, ranks = self.shard
+            yield (x, y) if ranks == 1 else (x[rank::ranks], y[rank::ranks])

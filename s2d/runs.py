@@ -64,7 +64,7 @@ def open_run(root: str | Path, config: dict[str, Any], *, identity: tuple[str, .
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
+        probe = root / f".write-test-{os.getpid()}"  # one per process: data-parallel ranks open a run together
         probe.write_text("")
         probe.unlink()
     except OSError as e:

@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from s2d import distributed
 from s2d.cli import bench, convert, evaluate, train, transform, zoo
 from s2d.cli.args import set_threads
 from s2d.errors import S2DError
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         set_threads(args)
+        _join_ranks(args)
         return func(args)
     except S2DError as e:
         print(f"s2d: error: {e}", file=sys.stderr)
@@ -55,3 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s2d: internal error: {type(e).__name__}: {first} (set S2D_DEBUG=1 for the traceback "
               "and please report it)", file=sys.stderr)
         return 1
+    finally:
+        distributed.leave()
+
+
+def _join_ranks(args: argparse.Namespace) -> None:
+    """Under torchrun, join the other ranks (training commands only); ranks other than 0 print nothing."""
+    world = distributed.from_environment()
+    if not world.distributed:
+        return
+    if not getattr(args, "data_parallel", False):
+        raise S2DError(f"s2d {args.command} runs in one process; launch it without torchrun (data-parallel "
+                       "commands: train-base, supernet, convert)")
+    world, args.device = distributed.init(args.device)
+    if not world.is_main:
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")

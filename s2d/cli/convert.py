@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from s2d import distributed
 from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in, positive_int
 
 
@@ -56,7 +57,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
     report = p.run_all()
     print((p.run.root / "report.md").read_text())
-    if report.get("fallback"):
+    if report.get("fallback") and distributed.current().is_main:  # one notice, not one per rank
         print(f"s2d: {report['fallback']}", file=sys.stderr)
     d = report["dynamic"]
     print(f"dynamic network: {p.run.checkpoints / 'dynamic.pt'}; export it with "
@@ -143,10 +144,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=positive_int, default=1,
                    help="repeat the conversion with this many seeds (RUN_DIR/seed-K) and report mean ± std "
                         "(RUN_DIR/seeds.md)")
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, data_parallel=True)
     p = sub.add_parser("supernet", help="train the weight-sharing supernet of a model (resumable)")
     common_args(p)
-    p.set_defaults(func=cmd_supernet)
+    p.set_defaults(func=cmd_supernet, data_parallel=True)
     p = sub.add_parser("search", help="search archs on a trained supernet (resumable; archive.jsonl)")
     common_args(p)
     p.add_argument("--compare-random", action="store_true", help="also run random search at the same budget")

@@ -41,4 +41,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-weights", help="checkpoint to start from (fine-tune) instead of random init")
     p.add_argument("--run-dir", help="default runs/train-MODEL-DATASET")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train_base)
+    p.set_defaults(func=cmd_train_base, data_parallel=True)

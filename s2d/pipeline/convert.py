@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from s2d import checkpoint
+from s2d import checkpoint, distributed
 from s2d.data import Batches, Dataset, calibration_split, default_calib_size, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import logits
@@ -267,7 +267,8 @@ class Pipeline:
         if started is not None:
             result["seconds"] = time.perf_counter() - started  # a resumed phase counts its last run only
         self.state[phase] = result
-        write_json_atomic(self.state_path, self.state)
+        if distributed.current().is_main:
+            write_json_atomic(self.state_path, self.state)
 
     def train_config(self, steps: int) -> SupernetConfig:
         c = self.cfg
@@ -383,8 +384,10 @@ class Pipeline:
         self._started["finetune"] = time.perf_counter()
         self.load_supernet()
         arch = self.chosen_arch(keep_thresholds=True)
-        if arch.is_full_width:
-            self._fit_heads_on_static(arch)
+        if arch.is_full_width:  # no training: rank 0 fits the heads, the others wait for its checkpoint
+            if distributed.current().is_main:
+                self._fit_heads_on_static(arch)
+            distributed.barrier()
         else:
             steps = self.budget.narrow_finetune_steps or self.budget.finetune_steps
             if not (self.run.checkpoints / "finetune.pt").exists():  # a resumed fine-tune has its weights there
@@ -505,13 +508,18 @@ class Pipeline:
         return report
 
     def run_all(self) -> dict[str, Any]:
+        """Every phase not done yet. Under torchrun the training phases run data-parallel on every rank;
+        the search and the report, on rank 0 while the others wait, and its results reach them all."""
+        world = distributed.current()
         if "supernet" not in self.state:
             self.supernet_phase()
         if "search" not in self.state:
-            self.search_phase()
+            if world.is_main:
+                self.search_phase()
+            self.state = distributed.broadcast(self.state)
         if "finetune" not in self.state:
             self.finetune_phase()
         report = self.run.root / "report.json"
         if "report" in self.state and report.exists():  # finished: re-measuring would only add timing noise
             return json.loads(report.read_text())
-        return self.report_phase()
+        return distributed.broadcast(self.report_phase() if world.is_main else None)

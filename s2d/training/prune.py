@@ -35,6 +35,7 @@ from s2d.data import Batches, Dataset
 from s2d.errors import CheckpointError, S2DError
 from s2d.measure.cost import count_macs
 from s2d.training.distill import distillation_loss
+from s2d.training.outputs import aux_loss, split_outputs
 
 IMPORTANCES = ("l2", "l1")
 FINETUNE_FORMAT = "s2d-kd-finetune-v1"
@@ -323,7 +324,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, data: Dataset, *, second
                 group["lr"] = _cosine_lr(lr, step, planned) if planned else lr
             with torch.no_grad():
                 target = teacher(x)
-            loss = distillation_loss(student(x), target, y, temperature, distill_weight)
+            logits, aux = split_outputs(student(x))
+            loss = distillation_loss(logits, target, y, temperature, distill_weight) + aux_loss(aux, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

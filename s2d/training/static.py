@@ -17,15 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from s2d import checkpoint
+from s2d import checkpoint, distributed
 from s2d.data import Batches, Dataset, Split, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import accuracy
 from s2d.models import get_model
 from s2d.runs import open_run
+from s2d.training.outputs import aux_loss, split_outputs
 
 
 @dataclass
@@ -122,19 +124,25 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
         if start_epoch >= cfg.epochs:
             return history[-1]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps)
+    world = distributed.current()
+    # Under torchrun: each rank trains on its rows of every global batch; DDP averages the gradients (and
+    # broadcasts rank 0's weights at the start); rank 0 writes logs and checkpoints.
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world.distributed else model
+    writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps) if world.is_main else None
     meta = dict(model_name=cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                 image_size=info.image_size, dataset=cfg.dataset)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             batches = Batches(train, info, cfg.batch_size, shuffle=True, augment=True,
-                              seed=cfg.seed * 1000 + epoch, device=device)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+                              seed=cfg.seed * 1000 + epoch, device=device, shard=world.shard())
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and world.is_main),
+                       leave=False)
             t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
             for i, (x, y) in enumerate(bar):
-                out = model(x)
-                loss = loss_fn(out, y)
+                out, aux = split_outputs(trained(x))
+                loss = loss_fn(out, y) + aux_loss(aux, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -143,19 +151,21 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
                 correct += (out.argmax(1) == y).sum().item()
                 loss_sum += loss.item() * len(y)
                 step = epoch * steps + i
-                if i % 20 == 0:
+                if i % 20 == 0 and writer is not None:
                     writer.add_scalar("train/loss", loss.item(), step)
                     writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
                     bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
             val_acc = accuracy(model, data.val, info, device=device)
             record = {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
+                "train_loss": distributed.mean(loss_sum / seen, device),
+                "train_acc": distributed.mean(correct / seen, device),
                 "val_acc": val_acc,
-                "img_per_s": seen / (time.perf_counter() - t0),
+                "img_per_s": seen * world.size / (time.perf_counter() - t0),
             }
             history.append(record)
+            if writer is None:
+                continue
             writer.add_scalar("train/epoch_loss", record["train_loss"], epoch + 1)
             writer.add_scalar("train/accuracy", record["train_acc"], epoch + 1)
             writer.add_scalar("val/accuracy", val_acc, epoch + 1)
@@ -170,5 +180,7 @@ def train_static(cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True
                 tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                            f"train {record['train_acc']:.4f} val {val_acc:.4f} ({record['img_per_s']:.0f} img/s)")
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    distributed.barrier()  # the other ranks may read what rank 0 saved
     return history[-1]

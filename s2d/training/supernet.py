@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from s2d import checkpoint
+from s2d import checkpoint, distributed
 from s2d.data import Batches, Dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import stage_logits
@@ -92,11 +93,17 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
         step = state["step"]
     if step >= cfg.steps:
         return {}
-    writer = SummaryWriter(str(run.tensorboard / tag), purge_step=step)
+    world = distributed.current()
+    writer = SummaryWriter(str(run.tensorboard / tag), purge_step=step) if world.is_main else None
     batches = Batches(data.train, data.info, cfg.batch_size, shuffle=True, augment=True,
-                      seed=cfg.seed * 7919 + step, device=device)
+                      seed=cfg.seed * 7919 + step, device=device, shard=world.shard())
     it = iter(batches)
-    bar = tqdm(total=cfg.steps, initial=step, desc=tag, disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc=tag, disable=not (progress and world.is_main))
+    step_loss = StepLoss(supernet, cfg)
+    ddp = None
+    if world.distributed:  # every sampled arch uses part of the weights (and one head per stage)
+        ddp = DistributedDataParallel(step_loss, device_ids=[torch.device(device)] if device.startswith("cuda")
+                                      else None, find_unused_parameters=True)
 
     def save() -> None:
         checkpoint.save_atomic({"state_dict": supernet.state_dict(), "optimizer": opt.state_dict(),
@@ -104,7 +111,6 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
                                 "step": step, "steps": cfg.steps}, path)
 
     stats: dict[str, float] = {}
-    static_key = static_arch().key()  # the arch a sampler's batch weights by ``largest_weight``
     try:
         while step < cfg.steps:
             try:
@@ -116,37 +122,73 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
                 target = teacher(x)
             supernet.train(cfg.bn == "batch")  # a probe may have left it in eval mode
             opt.zero_grad(set_to_none=True)
-            archs = sampler(rng)
-            weights = [cfg.largest_weight if arch.key() == static_key and len(archs) > 1 else 1.0 for arch in archs]
-            for a, arch in enumerate(archs):
-                outs = supernet.forward_stages(x, arch, upto=arch.trained_stages)  # a cascade's last is frozen
-                losses = [distillation_loss(o, target, y, cfg.distill_temperature, cfg.distill_weight)
-                          for o in outs]
-                stage_w = [1.0] * (len(losses) - 1) + [cfg.last_stage_weight]
-                loss = sum(w * lo for w, lo in zip(stage_w, losses, strict=True)) / sum(stage_w)
-                (loss * weights[a] / sum(weights)).backward()
-                if step % 10 == 0:
+            archs = sampler(rng)  # the same archs on every rank: one seed
+            if ddp is not None:  # one forward and one backward, so DDP averages the gradients once
+                total, outs, losses = ddp(x, target, y, archs, backward=False)
+                total.backward()
+            else:  # one arch at a time: a single process keeps one arch's activations only
+                _, outs, losses = step_loss(x, target, y, archs, backward=True)
+            if step % 10 == 0:
+                for a in range(len(archs)):
                     name = "arch" if len(archs) == 1 else f"sample{a}"
-                    for s, (o, lo) in enumerate(zip(outs, losses, strict=True)):
-                        writer.add_scalar(f"{tag}/{name}_stage{s + 1}_loss", lo.item(), step)
-                        writer.add_scalar(f"{tag}/{name}_stage{s + 1}_acc", (o.argmax(1) == y).float().mean().item(),
-                                          step)
+                    for s, (o, lo) in enumerate(zip(outs[a], losses[a][:-1], strict=True)):
+                        scalars = {"loss": distributed.mean(lo.item()),
+                                   "acc": distributed.mean((o.argmax(1) == y).float().mean().item())}
+                        for k, v in scalars.items():
+                            if writer is not None:
+                                writer.add_scalar(f"{tag}/{name}_stage{s + 1}_{k}", v, step)
             opt.step()
             sched.step()
             step += 1
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                if probe_archs:
+                if probe_archs and world.is_main:
                     stats = probe(supernet, probe_archs, data, device=device)
                     for k, v in stats.items():
                         writer.add_scalar(f"{tag}/val_{k}", v, step)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in list(stats.items())[:3]})
-                writer.flush()
-                save()
+                if world.is_main:
+                    writer.flush()
+                    save()
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+    distributed.barrier()  # the other ranks read what rank 0 saved
     return stats
+
+
+class StepLoss(torch.nn.Module):
+    """The loss of one training step over the archs drawn for it, as a module's forward: what
+    ``DistributedDataParallel`` wraps, so that gradients are averaged across ranks once per step."""
+
+    def __init__(self, supernet: SuperNet, cfg: SupernetConfig) -> None:
+        super().__init__()
+        self.supernet, self.cfg = supernet, cfg
+        self._static_key = static_arch().key()  # the arch a sampler's batch weights by ``largest_weight``
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, archs: list[MultiStageArch],
+                backward: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """(total loss, each arch's stage logits, each arch's stage losses then its weighted loss); with
+        ``backward`` each arch's loss is back-propagated as soon as it is computed."""
+        cfg = self.cfg
+        weights = [cfg.largest_weight if arch.key() == self._static_key and len(archs) > 1 else 1.0
+                   for arch in archs]
+        total, outs, losses = x.new_zeros(()), [], []
+        for a, arch in enumerate(archs):
+            stage_outs = self.supernet.forward_stages(x, arch, upto=arch.trained_stages)  # a cascade's last is frozen
+            stage_losses = [distillation_loss(o, target, y, cfg.distill_temperature, cfg.distill_weight)
+                            for o in stage_outs]
+            stage_w = [1.0] * (len(stage_losses) - 1) + [cfg.last_stage_weight]
+            loss = sum(w * lo for w, lo in zip(stage_w, stage_losses, strict=True)) / sum(stage_w)
+            loss = loss * weights[a] / sum(weights)
+            if backward:
+                loss.backward()
+                loss = loss.detach()
+            total = total + loss
+            outs.append([o.detach() for o in stage_outs])
+            losses.append([lo.detach() for lo in stage_losses] + [loss])
+        return total, outs, losses
 
 
 @torch.no_grad()
