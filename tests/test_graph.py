@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import fx, nn
 
+from s2d.errors import UnsupportedModelError
 from s2d.models import get_model
 from s2d.transform.graph import analyze
 
@@ -202,3 +203,28 @@ def test_depthwise_conv_is_accepted():
     graph = analyze(model, (3, 16, 16))
     assert graph.by_name["grouped"].rule.value == "grouped" and graph.by_name["grouped"].quantum == 1
     assert graph.by_name["stem"].rule.value == "conv"
+
+
+class _OddSizes(nn.Module):
+    """Adds a stride-2 branch to an upsampled one: the sizes only agree for even inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, 2, 1)
+        self.side = nn.Conv2d(4, 4, 3, 2, 1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.down(x)
+        return self.fc(self.pool(x + self.up(self.side(x))).flatten(1))
+
+
+def test_a_model_that_fails_on_the_input_size_is_refused_in_one_line(capsys):
+    analyze(_OddSizes(), (3, 16, 16))
+    with pytest.raises(UnsupportedModelError) as err:
+        analyze(_OddSizes(), (3, 14, 14))
+    msg = str(err.value)
+    assert "does not run on a (3, 14, 14) input" in msg and "\n" not in msg and "size of tensor" in msg
+    assert "Traceback" not in capsys.readouterr().err

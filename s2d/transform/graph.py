@@ -18,6 +18,8 @@ where nothing else is left to split) and ``why`` says which op kept what whole.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -485,9 +487,13 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
     gm = trace(model)
     modules = dict(model.named_modules())  # the original containers (gm flattens them to nn.Module)
     try:
-        ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback before it raises
+            ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
     except Exception as e:
-        raise UnsupportedModelError(f"shape propagation failed on a {input_shape} input ({e})") from None
+        cause = e.__cause__ or e
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise UnsupportedModelError(f"the model does not run on a {input_shape} input ({detail}); try another "
+                                    "input size (a dataset with larger images)") from None
     nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
