@@ -32,7 +32,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(TORCH_PINS)
-	$(BIN)/python -m pip install -e '.[dev,search,timm]'
+	$(BIN)/python -m pip install -e '.[dev,search,timm,distributed]'
 	@touch $@
 
 data:

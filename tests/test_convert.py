@@ -287,8 +287,9 @@ def _kill_and_resume(phase: str, tmp_path: Path, weights: Path) -> None:
     assert report["search"]["ppo"]["evaluations"] == 4 and (run / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_killed_search_resumes(tmp_path, tiny_run):
-    """The small version that CI runs: SIGKILL during the search."""
+    """SIGKILL during the search of a conversion (CI kills a search in tests/test_workers.py, with workers)."""
     _kill_and_resume("search", tmp_path, tiny_run["model_pt"])
 
 
@@ -393,6 +394,7 @@ def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, m
     assert MultiStageArch.from_dict(ckpt["arch"]).stages == MultiStageArch.from_dict(shipped["arch"]).stages
 
 
+@pytest.mark.slow  # a whole tiny conversion (~2 min) for one report decision
 def test_a_cascade_that_saves_nothing_is_not_shipped(tmp_path, tiny_run, monkeypatch, capsys):
     """A cascade certified only with thresholds that exit nobody runs its narrow stage and then the whole
     static network: more MACs than the static model for the same predictions. The static network ships."""

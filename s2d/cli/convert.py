@@ -20,7 +20,7 @@ def config_from_args(args: argparse.Namespace):
                          target_macs=args.target_macs, target_latency_ms=args.target_latency_ms,
                          confidence=args.confidence, calib_size=args.calib_size, seed=args.seed,
                          val_size=args.val_size, split_seed=args.split_seed, data_dir=args.data_dir,
-                         device=check_device(args.device))
+                         device=check_device(args.device), workers=args.workers, ray_address=args.ray_address)
 
 
 def run_dir_from_args(args: argparse.Namespace) -> str:
@@ -133,6 +133,10 @@ def common_args(p: argparse.ArgumentParser) -> None:
                    help="order every coupled channel group by this Torch-Pruning criterion before the supernet is "
                         "built, so narrow stages keep the channels a pruner would keep (default: l2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="Ray workers that score the search's candidates in parallel, each holding the supernet "
+                        "(needs the distributed extra; PPO proposes one arch at a time and gains nothing)")
+    p.add_argument("--ray-address", help="an existing Ray cluster for --workers (default: start one here)")
     p.add_argument("--run-dir", help="default runs/convert-MODEL-DATASET-BUDGET")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

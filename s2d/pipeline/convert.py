@@ -10,6 +10,7 @@ the final report.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -112,6 +113,8 @@ class ConvertConfig:
     split_seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"
+    workers: int = 1  # Ray workers scoring the search's candidates (1: in this process)
+    ray_address: str | None = None  # an existing Ray cluster (None: a local one)
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> ConvertConfig:
@@ -159,6 +162,14 @@ class ConvertConfig:
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
             "max_stages", "bn", "importance", "target_mac_ratio", "target_macs", "seed", "val_size", "split_seed",
             "confidence", "calib_size", "target_latency_ms")
+
+
+def search_evaluator(config: dict[str, Any], run_dir: str) -> ArchEvaluator:
+    """The search's evaluator of a conversion, rebuilt from its config and run directory: what each Ray worker
+    of ``--workers`` holds (``s2d.pipeline.workers``)."""
+    pipeline = Pipeline(ConvertConfig(**config), run_dir, progress=False)
+    pipeline.load_supernet()
+    return pipeline.evaluator(pipeline.budget.search_val_images)
 
 
 class Pipeline:
@@ -355,10 +366,19 @@ class Pipeline:
         algos = algos or [self.cfg.algo, *(["random"] if self.budget.compare_random and self.cfg.algo != "random"
                                            else [])]
         ev = self.evaluator(self.budget.search_val_images)
-        for arch in self.space.seeds():  # archived: a resumed search does not score them again
-            ev.evaluate(arch, searcher="seed")
-        summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
-                                   seed=self.cfg.seed, progress=self.progress) for a in algos}
+        pool = None
+        if self.cfg.workers > 1:
+            from s2d.pipeline.workers import RayScoringPool
+
+            build = functools.partial(search_evaluator, asdict(self.cfg), str(self.run.root))
+            ev.pool = pool = RayScoringPool(build, self.cfg.workers, address=self.cfg.ray_address)
+        try:
+            list(ev.evaluate_each(list(self.space.seeds()), searcher="seed"))  # archived: a resumed search skips them
+            summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
+                                       seed=self.cfg.seed, progress=self.progress) for a in algos}
+        finally:
+            if pool is not None:
+                pool.close()
         records = self.archive.records()
         main = [r for r in records if r.get("searcher") in (self.cfg.algo, "seed")] or records
         must_meet = not self.budget_mode

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -89,6 +90,17 @@ class Evaluation:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+class ScoringPool(Protocol):
+    """Workers that each hold the supernet once and score archs (``ArchEvaluator.scored``) in parallel."""
+
+    workers: int
+
+    def score(self, archs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Evaluation records of the (canonical) archs, in order, each as soon as it and those before it are
+        done."""
+        ...
+
+
 class ArchEvaluator:
     """Scores archs on validation data with a trained supernet."""
 
@@ -105,6 +117,7 @@ class ArchEvaluator:
         self.device, self.batch_size = device, batch_size
         self._stage_cost: dict[str, float] = {}
         self.evaluations = 0  # real (uncached) evaluations in this process
+        self.pool: ScoringPool | None = None  # workers that score batches of archs in parallel
 
     @property
     def certified(self) -> bool:
@@ -180,21 +193,43 @@ class ArchEvaluator:
         return arch.key() + (f"|{list(arch.thresholds)}" if arch.thresholds else "")
 
     def evaluate(self, arch: MultiStageArch, searcher: str = "") -> Evaluation:
-        arch = self.supernet.validate(arch).canonical(self.supernet.graph)
-        key = self.archive_key(arch)
-        if self.archive is not None and (hit := self.archive.get(key)) is not None:
-            ev = Evaluation.from_record(hit)
-            ev.cached = True
-            return ev
+        return next(self.evaluate_each([arch], searcher))
+
+    def scored(self, arch: MultiStageArch) -> Evaluation:
+        """A fresh evaluation of a canonical arch (no archive): what a worker of a :class:`ScoringPool` runs."""
         t0 = time.perf_counter()
         ev = self.score(arch, self.stage_outputs(arch), self.stage_costs(arch))
         ev.seconds = time.perf_counter() - t0
-        ev.searcher = searcher
         if not math.isfinite(ev.reward):
             raise ValueError(f"non-finite reward for {arch.to_json()}")
-        self.evaluations += 1
-        if self.archive is not None:
-            ev.index = len(self.archive)
-            self.archive.add(key, ev.to_record())
         return ev
+
+    def evaluate_each(self, archs: list[MultiStageArch], searcher: str = "") -> Iterator[Evaluation]:
+        """Evaluations of ``archs``, in order, each as soon as it is done: archived ones from the archive, the
+        others scored (all at once by the ``pool``'s workers when there is one) and archived here, one by one
+        in request order, so the archive reads the same whether they were scored in parallel or not, and a
+        kill loses only what was in flight."""
+        canonical = [self.supernet.validate(a).canonical(self.supernet.graph) for a in archs]
+        keys = [self.archive_key(a) for a in canonical]
+        done: dict[str, Evaluation] = {}
+        for key in keys:
+            if self.archive is not None and key not in done and (hit := self.archive.get(key)) is not None:
+                done[key] = Evaluation.from_record(hit)
+                done[key].cached = True
+        todo = list(dict.fromkeys(k for k in keys if k not in done))
+        first = {k: canonical[keys.index(k)] for k in todo}
+        if self.pool is not None and len(todo) > 1:
+            fresh = (Evaluation.from_record(r) for r in self.pool.score([first[k].to_dict() for k in todo]))
+        else:
+            fresh = (self.scored(first[k]) for k in todo)
+        for key in keys:
+            if key not in done:  # the next uncached key is the next one scored
+                ev = next(fresh)
+                ev.searcher = searcher
+                self.evaluations += 1
+                if self.archive is not None:
+                    ev.index = len(self.archive)
+                    self.archive.add(key, ev.to_record())
+                done[key] = ev
+            yield done[key]
 

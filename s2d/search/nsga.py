@@ -63,7 +63,7 @@ def nsga2_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
     while not session.done:
         pop = algorithm.ask()
         before = len(session.log)
-        genomes, objectives = np.asarray(pop.get("X")).round().astype(np.int64), []
+        genomes, archs = np.asarray(pop.get("X")).round().astype(np.int64), []
         for i in range(len(genomes)):
             arch = space.decode(genomes[i])
             key = session.evaluator.archive_key(arch)
@@ -74,10 +74,11 @@ def nsga2_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
                 arch = space.decode(genomes[i])
                 key = session.evaluator.archive_key(arch)
             requested.add(key)
-            ev = session.request(arch)
-            objectives.append((-ev.accuracy, ev.mac_ratio))
-            if session.done:
-                return
+            archs.append(arch)
+        evs = session.request_many(archs)  # the generation at once: a pool of workers scores it in parallel
+        if len(evs) < len(archs) or session.done:
+            return
+        objectives = [(-ev.accuracy, ev.mac_ratio) for ev in evs]
         pop.set("X", genomes)
         pop.set("F", np.asarray(objectives, dtype=float))
         algorithm.tell(infills=pop)

@@ -32,9 +32,10 @@ def random_search(session: SearchSession, space: SearchSpace, seed: int) -> None
     for _ in range(len(session.log)):  # replay the draws already made, so a resumed run continues the sequence
         space.sample(rng)
     tries = 0
-    while not session.done:
-        session.request(space.sample(rng))
-        tries += 1
+    while not session.done:  # as many draws as archs are still due: a pool of workers scores them together
+        batch = [space.sample(rng) for _ in range(session.budget - len(session.log))]
+        session.request_many(batch)
+        tries += len(batch)
         if tries > 50 * session.budget:
             raise S2DError(f"random search found only {len(session.log)} distinct archs; lower --evaluations")
 

@@ -64,10 +64,29 @@ class SearchSession:
         return len(self.log) >= self.budget
 
     def request(self, arch: MultiStageArch) -> Evaluation:
-        ev = self.evaluator.evaluate(arch, searcher=self.algo)
-        key = self.evaluator.archive_key(arch)
+        return self.request_many([arch])[0]
+
+    def request_many(self, archs: list[MultiStageArch]) -> list[Evaluation]:
+        """Evaluations of ``archs`` in order, scored together (in parallel with a pool of workers), logged as
+        if requested one by one; cut where they would exceed the budget of distinct archs, so a batched
+        searcher logs exactly what the same requests one at a time would have."""
+        remaining, new, cut = self.budget - len(self.log), set(), len(archs)
+        for i, arch in enumerate(archs):
+            key = self.evaluator.archive_key(arch)
+            if key not in self.seen and key not in new:
+                if len(new) == remaining:
+                    cut = i
+                    break
+                new.add(key)
+        evs = []
+        for arch, ev in zip(archs[:cut], self.evaluator.evaluate_each(archs[:cut], searcher=self.algo), strict=True):
+            self._log(self.evaluator.archive_key(arch), ev)  # as each comes: a kill loses only what is in flight
+            evs.append(ev)
+        return evs
+
+    def _log(self, key: str, ev: Evaluation) -> None:
         if key in self.seen:
-            return ev
+            return
         self.seen.add(key)
         self.best = max(self.best, ev.reward)
         n = len(self.log) + 1
@@ -91,7 +110,6 @@ class SearchSession:
         self.writer.flush()
         self.bar.update(1)
         self.bar.set_postfix(best=f"{self.best:.3f}", acc=f"{ev.accuracy:.3f}", macs=f"{ev.mac_ratio:.2f}")
-        return ev
 
     def close(self) -> None:
         self.bar.close()
