@@ -71,6 +71,22 @@ def test_exits_human_output():
     assert lines[-1].split()[0] == "output" and lines[-1].endswith("100.0%")
 
 
+def test_doctor_reports_what_splits_and_what_stays_whole():
+    """DenseNet splits every conv (its concatenations per segment); ShuffleNet keeps its shuffles whole and
+    says where; both reproduce the static logits with the one-stage arch."""
+    r = s2d("doctor", "--model", "torchvision:densenet121", "--json")
+    assert r.returncode == 0, r.stderr
+    dense = json.loads(r.stdout)
+    assert dense["split_convs"] == dense["convs"] == 120 and not dense["whole_ops"] and not dense["depth_only"]
+    assert dense["one_stage_error"] <= 1e-4 and dense["exits"][-1] == "output"
+    r = s2d("doctor", "--model", "torchvision:shufflenet_v2_x0_5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "converts; one-stage arch reproduces the static logits" in lines[0] and "(relative, exact)" in lines[0]
+    assert any(re.match(r"convs that split along channels: \d+ of 56", line) for line in lines)
+    assert any("shuffle" in line or ("tensor method view" in line and "stage2" in line) for line in lines)
+
+
 def test_exits_unsupported_model():
     """timm's VGG checks the map size in Python: torch.fx cannot trace it, and the error says so in one line."""
     pytest.importorskip("timm")

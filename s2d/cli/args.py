@@ -75,7 +75,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def add_model_args(p: argparse.ArgumentParser, *, weights_default: str | None = "zoo") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="registry name, e.g. resnet20, mobilenetv2, torchvision:resnet18")
+                   help="registry name, e.g. resnet20, mobilenetv2, torchvision:resnet18, timm:efficientnet_b0")
     p.add_argument("--weights", default=weights_default,
                    help="'zoo' (the model zoo's checkpoint for this dataset), a checkpoint path, "
                         "a torchvision weights name, or 'none' for random init")

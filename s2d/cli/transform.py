@@ -11,14 +11,10 @@ from s2d.errors import S2DError
 
 
 def cmd_exits(args: argparse.Namespace) -> int:
-    from s2d.data import load_dataset
     from s2d.measure.cost import exit_macs
-    from s2d.models.zoo import load_model
     from s2d.transform.graph import analyze
 
-    info = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download).info
-    model = load_model(args.model, info, args.weights)
-    shape = (info.in_channels, info.image_size, info.image_size)
+    model, shape = _model_and_shape(args)
     graph = analyze(model, shape)
     macs = exit_macs(graph, shape)
     rows = [{"exit": e.name, "node": e.node, "channels": e.channels, "resolution": list(e.spatial),
@@ -36,13 +32,9 @@ def cmd_exits(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from s2d.data import load_dataset
-    from s2d.models.zoo import load_model
     from s2d.transform.doctor import diagnose
 
-    info = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download).info
-    model = load_model(args.model, info, args.weights)
-    shape = (info.in_channels, info.image_size, info.image_size)
+    model, shape = _model_and_shape(args)
     d = diagnose(model, shape)
     if args.json:
         print(json.dumps({"model": args.model, "input": list(shape), **d.to_dict()}, indent=2))
@@ -94,24 +86,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("exits", help="list a model's exit points with their cumulative static MACs")
-    add_model_args(p)
+def _inspection_args(p: argparse.ArgumentParser, weights_default: str) -> None:
+    """Flags of the commands that look at a model without data beyond its input shape."""
+    add_model_args(p, weights_default=weights_default)
     p.add_argument("--dataset", default="fashion-mnist", help="sets the input shape (and the zoo weights)")
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true")
     add_runtime_args(p)
     p.add_argument("--json", action="store_true")
+
+
+def _model_and_shape(args: argparse.Namespace):
+    from s2d.data import load_dataset
+    from s2d.models.zoo import load_model
+
+    info = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download).info
+    return load_model(args.model, info, args.weights), (info.in_channels, info.image_size, info.image_size)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("exits", help="list a model's exit points with their cumulative static MACs")
+    _inspection_args(p, weights_default="zoo")
     p.set_defaults(func=cmd_exits)
 
     p = sub.add_parser("doctor", help="what converting a model would split: exits, splittable convs, ops kept "
                                       "whole and where, one-stage exactness")
-    add_model_args(p, weights_default="none")
-    p.add_argument("--dataset", default="fashion-mnist", help="sets the input shape (and the zoo weights)")
-    p.add_argument("--data-dir")
-    p.add_argument("--download", action="store_true")
-    add_runtime_args(p)
-    p.add_argument("--json", action="store_true")
+    _inspection_args(p, weights_default="none")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("export", help="export a dynamic network, one file per stage (TorchScript or ONNX)")
