@@ -10,6 +10,11 @@ features later stages read. A dense conv's new channels read input channels
 channels never read later ones, so cached features are exact. A recomputing last stage
 (a cascade) reads no cache: it is the static network's graph inlined on its own weights.
 
+``[k, c)`` are positions in the stage's tensor. They are the channels themselves, except
+after a concatenation, where each segment keeps its own channels: position ``i`` then
+holds channel ``layout[i]`` (``StageGeometry.layout``), and the layers reading it take
+their weights by index.
+
 The same graph runs with shared supernet weights (``Sliced*`` modules) for training
 and is materialised with copied weights for deployment, export and fvcore.
 """
