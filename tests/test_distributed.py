@@ -99,3 +99,14 @@ def test_killed_two_rank_run_resumes(tmp_path):
     assert 0 < step < 40 and not (out / "state.pt").exists()
     _train(out, "frozen", 40, 2)
     assert torch.load(ckpt, weights_only=False)["step"] == 40
+
+
+@pytest.mark.slow  # ~2 min: a whole tiny conversion on two ranks
+def test_torchrun_convert_tiny_writes_a_report(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    cmd = [*TORCHRUN, "-m", "s2d", "convert", "--budget", "tiny", "--weights", str(tiny_run["model_pt"]),
+           "--val-size", "2000", "--threads", "1", "--quiet", "--run-dir", str(run)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "report.md").is_file() and (run / "checkpoints" / "dynamic.pt").is_file()
+    assert r.stdout.count("summary: test accuracy") == 1  # rank 1 prints nothing
