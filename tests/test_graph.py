@@ -130,16 +130,6 @@ class _GroupedNet(nn.Module):
         return self.fc(self.pool(torch.relu(self.grouped(torch.relu(self.stem(x))))).flatten(1))
 
 
-def _node_names(model: nn.Module) -> set[str]:
-    return {n.name for n in fx.symbolic_trace(model).graph.nodes}
-
-
-def _named_node(message: str) -> str:
-    m = re.search(r"node '([^']+)'", message)
-    assert m, message
-    return m.group(1)
-
-
 def test_channel_concat_splits_per_segment():
     """Each concatenated input keeps its own segment: a width-w stage owns every segment's own prefix."""
     graph = analyze(_DenseBlockNet(), (3, 16, 16))

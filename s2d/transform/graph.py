@@ -270,6 +270,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def _concat_dim(node: fx.Node) -> int:
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+
+
+def _concat_inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.args[0] if node.args else node.kwargs["tensors"])
+
+
 def _batch_norm_owner(node: fx.Node, modules: dict[str, nn.Module]) -> nn.BatchNorm2d | None:
     """The batch norm module whose own statistics a ``F.batch_norm`` call reads (a norm + activation module
     such as timm's ``BatchNormAct2d`` traces to one), so the call splits like that module."""
@@ -314,8 +322,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Rule, nn.Mo
         if node.target in _BINARY_FUNCTIONS:
             return Rule.BINARY, None, ""
         if node.target in _KNOWN_CONCAT:
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if node.target is not torch.stack and dim in (1, -3):
+            if node.target is not torch.stack and _concat_dim(node) in (1, -3):
                 return Rule.CONCAT, None, ""
             return Rule.WHOLE, None, "concatenation on a dim other than channels"
         if node.target is F.channel_shuffle or "shuffle" in _target_name(node):
@@ -430,7 +437,7 @@ def _tie_channels(trunk: list[TrunkNode]) -> None:
         concat = next((t for t in group if t.rule is Rule.CONCAT), None)
         if concat is not None:
             segments, off = [], 0
-            for a in concat.node.args[0]:
+            for a in _concat_inputs(concat.node):
                 segments.append((off, by_name[a.name]))
                 off += by_name[a.name].channels
             for t in group:
@@ -467,8 +474,7 @@ def _channels_first(trunk: list[TrunkNode]) -> set[str]:
         elif t.rule in (Rule.CHANNELWISE, Rule.BINARY):
             ok = all(a in nchw for a in t.inputs)
         elif t.node.target in _KNOWN_CONCAT:
-            dim = t.node.kwargs.get("dim", t.node.args[1] if len(t.node.args) > 1 else 0)
-            ok = dim == 1 and all(a in nchw for a in t.inputs)
+            ok = _concat_dim(t.node) in (1, -3) and all(a in nchw for a in t.inputs)
         else:  # the nearest channels-first ancestors, breadth first
             frontier, seen, found = list(t.inputs), set(), []
             while frontier and not found:
