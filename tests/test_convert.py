@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -166,6 +167,28 @@ def test_export_the_converted_network(converted, tmp_path):
     assert [s["file"] for s in meta["stages"]] == [f"stage{i}.onnx" for i in range(1, n + 1)]
 
 
+def test_latency_table_against_measured_time(converted, tmp_path):
+    """``s2d bench latency`` on a copy of the run: archive archs timed end to end beside the table's predictions;
+    the table is kept in the run and a second bench measures no stage again."""
+    run = tmp_path / "run"
+    shutil.copytree(converted["dir"], run)
+    args = ("bench", "latency", "--run-dir", str(run), "--archs", "2", "--threads", "1", "--quiet")
+    r, _ = s2d(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((run / "bench_latency" / "latency.json").read_text())
+    assert res["archs"] == 2 and res["stages_measured"] == res["table_entries"] > 0
+    for row in res["rows"]:
+        assert row["measured_b1"] > 0 and row["predicted_b1"] > 0 and row["measured_large"] > 0
+        assert row["error_large"] == pytest.approx(row["predicted_large"] / row["measured_large"] - 1)
+        assert sum(row["exit_rates_large"]) == pytest.approx(1.0)
+    assert "Median |error|" in r.stdout
+    table = json.loads((run / "latency_table.json").read_text())
+    assert table["machine"]["threads"] == 1 and len(table["stages"]) == res["table_entries"]
+    r, _ = s2d(*args)
+    assert r.returncode == 0 and json.loads((run / "bench_latency" / "latency.json").read_text())[
+        "stages_measured"] == 0
+
+
 def test_a_run_dir_holding_a_different_run_is_refused(converted):
     assert converted["r"].returncode == 0
     run = converted["dir"]
@@ -194,6 +217,8 @@ def test_a_run_dir_holding_a_different_run_is_refused(converted):
     (["--target-macs", "1e12"], "s2d: error: ", ["--target-macs 1e+12", "3.133e+07", "for 4x fewer"]),
     (["--target-macs", "8e6", "--target-mac-ratio", "0.3"], "s2d: error: ", ["give one budget"]),
     (["--target-macs", "-5"], "s2d convert: error: ", ["--target-macs"]),
+    (["--cost", "joules"], "s2d convert: error: ", ["--cost", "joules"]),
+    (["--cost", "latency", "--workers", "2"], "s2d: error: ", ["--cost latency", "--workers 1"]),
 ])
 def test_bad_flags(tmp_path, flags, prefix, needles):
     run = tmp_path / "run"
@@ -431,5 +456,5 @@ def test_latency_budget_end_to_end(tmp_path, tiny_run):
     report = json.loads((run / "report.json").read_text())
     assert report["target_latency_ms"] == 2.5 and report["target_mac_ratio"] is None
     plan = json.loads((run / "state.json").read_text())["latency_plan"]
-    assert plan["static_latency_ms"] > 0 and plan["mac_ratio"] == pytest.approx(min(1, 2.5 / plan["static_latency_ms"]))
+    assert plan["static_latency_ms"] > 0 and plan["ratio"] == pytest.approx(min(1, 2.5 / plan["static_latency_ms"]))
     assert "Latency budget" in (run / "report.md").read_text()

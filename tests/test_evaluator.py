@@ -413,3 +413,31 @@ def test_certified_tolerance_scores_what_the_report_can_certify(setup):
     # and below every feasible arch
     strict = evaluator(0.001, torch.ones_like(static_correct)).evaluate(arch)
     assert not strict.meets_target and strict.thresholds == [NEVER_EXIT] and strict.reward < e.reward - 1
+
+
+def test_time_costs_come_from_the_latency_table(setup):
+    """``cost="latency"``: thresholds keep the predicted batch-1 latency (from the table's stage times) within the
+    budget, MACs are still reported as MACs, and every record carries the table's predicted time ratios."""
+    import copy
+
+    from s2d.measure.latency import LatencyTable
+
+    sn = setup["supernet"]
+    table = LatencyTable(sn, copy.deepcopy(sn.static), batch=8, repeats=2, b1_repeats=3)
+    arch = sn.validate(HAND_ARCH).canonical(sn.graph)  # the evaluator's key: the table times this encoding
+    times = [t.b1_ms for t in table.stage_times(arch)]
+    full = sum(times) / table.static_ms(1)
+    for frac in (0.4, 1.0):
+        ev = ArchEvaluator(sn, setup["val"], setup["info"], static_accuracy=0.5, static_macs=setup["static_macs"],
+                           objective=Objective("budget", target_ratio=full * frac, cost="latency"), latency=table)
+        e = ev.evaluate(arch)
+        assert table.measured == len(times)  # nothing timed twice
+        reach = 1 - np.cumsum([0.0, *e.exit_rates[:-1]])
+        assert e.cost_ratio == pytest.approx(float(np.dot(reach, times)) / table.static_ms(1))
+        assert e.cost_ratio <= full * frac + 1e-9 and e.meets_target
+        assert e.extra["latency_ratio"] == pytest.approx(e.cost_ratio)
+        macs = reference_costs(setup, HAND_ARCH)
+        assert e.mac_ratio == pytest.approx(float(np.dot(reach, macs)) / setup["static_macs"])
+    with pytest.raises(ValueError, match="latency table"):
+        ArchEvaluator(sn, setup["val"], setup["info"], static_accuracy=0.5, static_macs=setup["static_macs"],
+                      objective=Objective(cost="throughput"))

@@ -67,11 +67,28 @@ def cmd_search_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency_bench(args: argparse.Namespace) -> int:
+    from s2d.pipeline.bench_latency import run_latency_bench
+    from s2d.pipeline.convert import ConvertConfig, Pipeline
+
+    root = run_dir_from_args(args)
+    cfg = ConvertConfig.from_run(root)
+    cfg.device = check_device(args.device)
+    res = run_latency_bench(Pipeline(cfg, root, progress=not args.quiet), archs=args.archs or 20, seed=args.seed,
+                            progress=not args.quiet)
+    out = f"{res['run_dir']}/bench_latency"
+    print((Path(out) / "latency.md").read_text())
+    print(f"written: {out}/latency.md, {out}/latency.json")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "peers":
         return cmd_peers(args)
     if args.what == "search":
         return cmd_search_bench(args)
+    if args.what == "latency":
+        return cmd_latency_bench(args)
     from s2d.pipeline.bench import check_targets, check_zoo, rank_correlation
     from s2d.pipeline.convert import Pipeline
 
@@ -81,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{k:<24}{v['value']:>8.3f}  target {v['target']:<8} {'met' if v['met'] else 'NOT met'}")
         return 0 if all(v["met"] for v in res.values()) else 1
     p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
-    res = rank_correlation(p, archs=args.archs, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    res = rank_correlation(p, archs=args.archs or 8, steps=args.steps, seed=args.seed, progress=not args.quiet)
     for r in res["rows"]:
         print(f"supernet {r['supernet_acc'] * 100:6.2f} %   fine-tuned alone {r['finetuned_acc'] * 100:6.2f} %   "
               f"{len(r['arch']['stages'])} stages")
@@ -93,10 +110,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measured targets: `zoo` accuracy, `targets` of a conversion, supernet `rank`, "
                                      "`peers` (Torch-Pruning, depth-only, s2d on one wall clock), "
-                                     "`search` (PPO vs NSGA-II vs random on a conversion's supernet)")
-    p.add_argument("what", choices=("zoo", "targets", "rank", "peers", "search"))
+                                     "`search` (PPO vs NSGA-II vs random on a conversion's supernet), "
+                                     "`latency` (the latency table against measured time)")
+    p.add_argument("what", choices=("zoo", "targets", "rank", "peers", "search", "latency"))
     common_args(p)
-    p.add_argument("--archs", type=positive_int, default=8, help="rank: archs to fine-tune separately")
+    p.add_argument("--archs", type=positive_int, default=None,
+                   help="rank: archs to fine-tune separately (default 8); latency: archive archs to time (default 20)")
     p.add_argument("--steps", type=positive_int, default=150, help="rank: fine-tune steps per arch")
     p.add_argument("--peer-seconds", metavar="S",
                    help="peers: KD fine-tune seconds of each Torch-Pruning peer (default: as long as the conversion "

@@ -14,7 +14,7 @@ def config_from_args(args: argparse.Namespace):
     from s2d.pipeline.convert import ConvertConfig
 
     return ConvertConfig(model=args.model, dataset=args.dataset, weights=args.weights, algo=args.algo,
-                         budget=args.budget, tolerance=args.tolerance, objective=args.objective,
+                         budget=args.budget, tolerance=args.tolerance, objective=args.objective, cost=args.cost,
                          search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
                          importance=args.importance, target_mac_ratio=args.target_mac_ratio,
                          target_macs=args.target_macs, target_latency_ms=args.target_latency_ms,
@@ -95,6 +95,7 @@ def _convert_seeds(args: argparse.Namespace) -> int:
 
 def common_args(p: argparse.ArgumentParser) -> None:
     """The flags of a conversion (its identity in the run directory), shared with ``s2d bench``."""
+    from s2d.measure.latency import COSTS
     from s2d.pipeline.convert import BUDGETS
     from s2d.search.evaluator import OBJECTIVES
     from s2d.search.runner import ALGOS
@@ -109,6 +110,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float_in(0, 100), default=0.5,
                    help="accuracy points below the static model allowed on validation data")
     p.add_argument("--objective", choices=OBJECTIVES, default="tolerance")
+    p.add_argument("--cost", choices=COSTS, default="macs",
+                   help="what the search minimises: fvcore MACs, batch-1 latency or batch-256 time per image on this "
+                        "machine, predicted from a table of measured stage times (s2d bench latency checks it)")
     p.add_argument("--target-mac-ratio", type=float_in(0, 1, lo_open=True),
                    help="budget mode: at most this fraction of the static MACs on average (e.g. 0.25 for 4x fewer), "
                         "the most accurate network within it")
@@ -117,7 +121,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
                         "most that many MACs per image on average")
     p.add_argument("--target-latency-ms", type=float_in(0, float("inf"), lo_open=True, hi_open=True),
                    help="budget mode in batch-1 milliseconds on this machine: the most accurate network whose "
-                        "average latency stays within it (the search uses the matching MAC ratio)")
+                        "average latency stays within it (searched in latency predicted from measured stage times)")
     p.add_argument("--confidence", type=float_in(0.5, 1, hi_open=True), default=0.9,
                    help="confidence of the tolerance: the shipped thresholds keep an upper bound of the accuracy drop "
                         "within it on the held-out calibration split (default 0.9)")

@@ -80,6 +80,15 @@ class PairedSpeed:
     candidate_ms: float
     ratio: float  # median over repeats of candidate time / reference time (< 1: the candidate is faster)
     repeats: int
+    mean_ratio: float = float("nan")  # candidate's total time over the reference's: the average cost of a
+    # sequence of inputs (a dynamic network's expected latency), where the median ratio is a typical input's
+    fast_candidate_ms: float = float("nan")  # the 10th percentiles of the calls: a call that nothing preempted.
+    fast_reference_ms: float = float("nan")  # On 2 busy cores a millisecond call is preempted now and then, and a
+    # 2 ms one more often than a 0.5 ms one, so under load the median ratio of short calls is biased; these are not.
+
+    @property
+    def fast_ratio(self) -> float:
+        return self.fast_candidate_ms / self.fast_reference_ms
 
     @property
     def speedup(self) -> float:
@@ -124,7 +133,12 @@ def paired_speed(reference: Forward, candidate: Forward, inputs: torch.Tensor | 
         ratios.append(c / r)
     return PairedSpeed(batch_size=len(xs[0]), reference_ms=statistics.median(ref_t) * 1e3,
                        candidate_ms=statistics.median(cand_t) * 1e3, ratio=statistics.median(ratios),
-                       repeats=len(xs))
+                       repeats=len(xs), mean_ratio=sum(cand_t) / sum(ref_t),
+                       fast_candidate_ms=_fast(cand_t) * 1e3, fast_reference_ms=_fast(ref_t) * 1e3)
+
+
+def _fast(times: list[float]) -> float:
+    return sorted(times)[len(times) // 10]
 
 
 @torch.no_grad()

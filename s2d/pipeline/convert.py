@@ -25,9 +25,10 @@ from s2d.errors import S2DError
 from s2d.measure.accuracy import logits
 from s2d.measure.cost import static_cost
 from s2d.measure.guarantee import DEFAULT_CONFIDENCE, min_calibration_images
+from s2d.measure.latency import COSTS, LatencyTable
 from s2d.measure.network import evaluate_static
 from s2d.measure.temperature import fit_stage_temperatures
-from s2d.measure.timing import deployable, measure_speed
+from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
 from s2d.pipeline.report import RowMeter, ThresholdChooser, write_report
 from s2d.runs import Run, open_run, write_json_atomic
@@ -99,6 +100,7 @@ class ConvertConfig:
     budget: str = "small"
     tolerance: float = 0.5  # accuracy points below the static model allowed on validation data
     objective: str = "tolerance"
+    cost: str = "macs"  # what the search minimises: fvcore MACs, batch-1 latency or batch-256 time (latency table)
     search_thresholds: bool = False
     max_stages: int = 4
     bn: str = "batch"  # batch-norm statistics while training the supernet: "batch" (per arch) or "frozen"
@@ -144,6 +146,10 @@ class ConvertConfig:
             raise S2DError(f"unknown --algo {self.algo!r}; valid: {', '.join(ALGOS)}")
         if not 0 <= self.tolerance < 100:
             raise S2DError(f"--tolerance is in accuracy points (e.g. 0.5), got {self.tolerance}")
+        if self.cost not in COSTS:
+            raise S2DError(f"unknown --cost {self.cost!r}; valid: {', '.join(COSTS)}")
+        if self.cost != "macs" and self.workers > 1:
+            raise S2DError(f"--cost {self.cost} times stages on this machine, one at a time; run it with --workers 1")
         if self.bn not in ("batch", "frozen"):
             raise S2DError(f"unknown --bn {self.bn!r}; valid: batch, frozen")
         if self.target_mac_ratio is not None and self.target_latency_ms is not None:
@@ -159,7 +165,7 @@ class ConvertConfig:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
-IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "search_thresholds",
+IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "cost", "search_thresholds",
             "max_stages", "bn", "importance", "target_mac_ratio", "target_macs", "seed", "val_size", "split_seed",
             "confidence", "calib_size", "target_latency_ms")
 
@@ -198,6 +204,7 @@ class Pipeline:
         self.ordered = self._importance_ordered()
         self.supernet = self.new_supernet()
         self._full_width: SuperNet | None = None
+        self._latency: LatencyTable | None = None
         self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
                                  search_thresholds=cfg.search_thresholds)
         self.archive = Archive(self.run.root / "archive.jsonl")
@@ -210,17 +217,31 @@ class Pipeline:
         """A cost budget (MACs or latency), not an accuracy tolerance, is the promise."""
         return self.cfg.target_mac_ratio is not None or self.cfg.target_latency_ms is not None
 
-    def _latency_mac_ratio(self) -> float:
-        """The search's MAC-ratio stand-in for ``--target-latency-ms``: the target over the static model's
-        batch-1 latency, measured once and kept in ``state.json`` (a resumed search keeps its objective).
-        The chosen network's thresholds then meet the latency itself, from measured stage latencies."""
+    @property
+    def cost(self) -> str:
+        """The search's cost: a batch-1 latency budget is searched in (predicted) batch-1 latency."""
+        return "latency" if self.cfg.target_latency_ms is not None else self.cfg.cost
+
+    def latency_table(self) -> LatencyTable:
+        """Stage times of this run's supernet on this machine (``latency_table.json``, kept between phases and
+        benches): the cost model of ``--cost latency|throughput`` and of a latency budget."""
+        if self._latency is None:
+            self._latency = LatencyTable(self.supernet, deployable(copy.deepcopy(self.static)),
+                                         path=self.run.root / "latency_table.json", device=self.cfg.device,
+                                         seed=self.cfg.seed)
+        return self._latency
+
+    def _latency_ratio(self) -> float:
+        """``--target-latency-ms`` over the static model's batch-1 latency, kept in ``state.json`` when first
+        measured (a resumed search keeps its objective). The chosen network's thresholds then meet the latency
+        itself, from its measured stage latencies."""
         if "latency_plan" not in self.state:
-            x = next(iter(Batches(self.search_val.subset(1), self.data.info, 1, device=self.cfg.device)))[0]
-            static_ms = measure_speed(deployable(copy.deepcopy(self.static)), x, repeats=50).per_batch_ms
+            static_ms = self.latency_table().static_ms(1)
             self.state["latency_plan"] = {"static_latency_ms": static_ms,
-                                          "mac_ratio": min(1.0, self.cfg.target_latency_ms / static_ms)}
+                                          "ratio": min(1.0, self.cfg.target_latency_ms / static_ms)}
             write_json_atomic(self.state_path, self.state)
-        return self.state["latency_plan"]["mac_ratio"]
+        plan = self.state["latency_plan"]
+        return plan.get("ratio", plan.get("mac_ratio"))  # runs before the latency table searched in MACs
 
     def _resolve_target_macs(self, cfg: ConvertConfig) -> None:
         """``--target-macs`` is the budget in the user's unit; the pipeline works with the ratio."""
@@ -330,7 +351,8 @@ class Pipeline:
                              archive=self.archive if val_images == self.budget.search_val_images and not calibration
                              else None,
                              device=self.cfg.device,
-                             full_width=self.full_width_supernet() if full_width else None)
+                             full_width=self.full_width_supernet() if full_width else None,
+                             latency=self.latency_table() if self.cost != "macs" else None)
 
     def threshold_chooser(self, *, full_width: bool) -> ThresholdChooser:
         """Thresholds of the report's rows: a sequence from the search's validation images, certified on
@@ -354,11 +376,11 @@ class Pipeline:
     def objective(self) -> Objective:
         """``--target-mac-ratio`` asks the budget question; otherwise the configured objective."""
         if self.budget_mode:
-            ratio = self.cfg.target_mac_ratio if self.cfg.target_mac_ratio is not None else self._latency_mac_ratio()
-            return Objective("budget", self.cfg.tolerance / 100, target_ratio=ratio)
+            ratio = self.cfg.target_mac_ratio if self.cfg.target_mac_ratio is not None else self._latency_ratio()
+            return Objective("budget", self.cfg.tolerance / 100, target_ratio=ratio, cost=self.cost)
         if self.cfg.objective == "tolerance":  # archs are scored by what the report can certify
-            return Objective("tolerance", self.cfg.tolerance / 100, confidence=self.cfg.confidence)
-        return Objective(self.cfg.objective, self.cfg.tolerance / 100)
+            return Objective("tolerance", self.cfg.tolerance / 100, confidence=self.cfg.confidence, cost=self.cost)
+        return Objective(self.cfg.objective, self.cfg.tolerance / 100, cost=self.cost)
 
     def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
         self._started["search"] = time.perf_counter()

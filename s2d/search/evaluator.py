@@ -21,6 +21,7 @@ from s2d.measure.accuracy import StageOutputs, stage_outputs
 from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thresholds
 from s2d.measure.cost import average_macs, stage_macs
 from s2d.measure.guarantee import certify, threshold_sequence
+from s2d.measure.latency import LatencyTable
 from s2d.search.archive import Archive
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet
@@ -40,6 +41,9 @@ class Objective:
     ``penalty`` per unit of MAC ratio over it. Only the ranking of archs matters here, so archs the
     supernet under-rates in absolute accuracy (narrow ones) still win where the budget needs them.
 
+    ``cost``: ``macs``, ``latency`` (batch-1 milliseconds) or ``throughput`` (a batch of 256's milliseconds per
+    sample). Every ratio above (reward, budget, thresholds' cost) is then of that cost to the static network's.
+
     ``confidence`` (tolerance only) scores an arch by what the report will certify: its thresholds are
     the last of the safest-first sequence whose upper bound of the drop against the static model stays
     within the tolerance (``measure.guarantee``), not the cheapest that keeps it on average. An arch
@@ -53,6 +57,7 @@ class Objective:
     target_ratio: float = 0.33
     mnas_w: float = -0.07
     confidence: float | None = None
+    cost: str = "macs"  # what the ratios count: fvcore MACs, or time from a latency table (``measure.latency``)
 
     def reward(self, accuracy: float, mac_ratio: float, target_accuracy: float) -> float:
         if self.kind == "mnas":
@@ -74,11 +79,17 @@ class Evaluation:
     stage_macs: list[float]
     stage_accuracy: list[float]
     meets_target: bool
+    cost_ratio: float | None = None  # the objective's cost over the static network's (None: MACs, = mac_ratio)
     seconds: float = 0.0
     searcher: str = ""
     index: int = 0
     cached: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective_ratio(self) -> float:
+        """The cost the search minimises, over the static network's: MACs unless a time cost was asked for."""
+        return self.mac_ratio if self.cost_ratio is None else self.cost_ratio
 
     def to_record(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,12 +118,15 @@ class ArchEvaluator:
     def __init__(self, supernet: SuperNet, val: Split, info, *, static_accuracy: float, static_macs: float,
                  objective: Objective | None = None, archive: Archive | None = None, device: str = "cpu",
                  batch_size: int = 1000, full_width: SuperNet | None = None,
-                 static_correct: torch.Tensor | None = None) -> None:
+                 static_correct: torch.Tensor | None = None, latency: LatencyTable | None = None) -> None:
         self.supernet, self.val, self.info = supernet, val, info
         self.static_correct = static_correct  # per validation image; needed by a certified objective
         self.full_width = full_width
         self.static_accuracy, self.static_macs = static_accuracy, static_macs
         self.objective = objective or Objective()
+        self.latency = latency  # stage times; needed by a time cost, and records predicted time ratios when set
+        if self.objective.cost != "macs" and latency is None:
+            raise ValueError(f"a {self.objective.cost} objective needs a latency table")
         self.archive = archive
         self.device, self.batch_size = device, batch_size
         self._stage_cost: dict[str, float] = {}
@@ -130,10 +144,7 @@ class ArchEvaluator:
 
     def stage_costs(self, arch: MultiStageArch) -> list[float]:
         """Incremental MACs of every stage, cached per stage prefix (a stage's cost depends only on earlier ones)."""
-        def key(s: int) -> str:
-            return MultiStageArch(arch.stages[: s + 1]).key() + ("|last" if s == arch.num_stages - 1 else "")
-
-        keys = [key(s) for s in range(arch.num_stages)]
+        keys = [arch.stage_key(s) for s in range(arch.num_stages)]
         if any(k not in self._stage_cost for k in keys):
             net = self.supernet.materialise(MultiStageArch(arch.stages, arch.exit_rule), fold_bn=False)
             macs, _ = stage_macs(list(net.stages), self.supernet.input_shape)
@@ -157,9 +168,17 @@ class ArchEvaluator:
         return stage_outputs(self.network_for(arch), arch, self.val, self.info, device=self.device,
                              batch_size=self.batch_size)
 
-    def score(self, arch: MultiStageArch, outputs: StageOutputs, costs: list[float]) -> Evaluation:
+    def objective_costs(self, arch: MultiStageArch, macs: list[float]) -> tuple[list[float], float]:
+        """Per-stage costs in the objective's unit and the static network's: what thresholds trade accuracy for."""
+        if self.objective.cost == "macs":
+            return macs, self.static_macs
+        assert self.latency is not None
+        return self.latency.stage_costs(arch, self.objective.cost)
+
+    def score(self, arch: MultiStageArch, outputs: StageOutputs, macs: list[float]) -> Evaluation:
         """The reward of ``arch`` from its stage outputs: the part the tests check by hand."""
         budget = self.objective.kind == "budget"
+        costs, static_cost = self.objective_costs(arch, macs)
         cert = None
         if self.certified:  # searched thresholds are certified as they are
             seq = [list(arch.thresholds)] if arch.thresholds or arch.num_stages == 1 else threshold_sequence(
@@ -169,22 +188,26 @@ class ArchEvaluator:
         elif arch.thresholds or arch.num_stages == 1:
             thresholds = list(arch.thresholds)
         elif budget:
-            thresholds = calibrate_budget_thresholds(outputs, costs, self.objective.target_ratio * self.static_macs)
+            thresholds = calibrate_budget_thresholds(outputs, costs, self.objective.target_ratio * static_cost)
         else:
             thresholds = calibrate_thresholds(outputs, costs, self.target_accuracy)[0]
         acc = outputs.accuracy(thresholds)
         rates = outputs.exit_rates(thresholds)
-        avg = average_macs(costs, rates)
-        ratio = avg / self.static_macs
+        avg = average_macs(macs, rates)
+        ratio = average_macs(costs, rates) / static_cost  # the objective's (= avg / static MACs for MACs)
         reward = self.objective.reward(acc, ratio, self.target_accuracy)
         meets = (ratio <= self.objective.target_ratio + 1e-9 if budget else cert is not None if self.certified
                  else acc >= self.target_accuracy - 1e-12)
         if self.certified and not meets:
             reward -= self.objective.penalty * self.objective.tolerance  # below every certified arch
+        extra = {}
+        if self.latency is not None:  # predicted from stage times (``s2d bench latency`` checks them)
+            extra = {"latency_ratio": self.latency.ratio(arch, rates, 1),
+                     "batch_time_ratio": self.latency.ratio(arch, rates, self.latency.batch)}
         return Evaluation(arch=arch.with_thresholds(thresholds).to_dict(), reward=reward, accuracy=acc,
-                          average_macs=avg, mac_ratio=ratio, exit_rates=rates, thresholds=thresholds,
-                          stage_macs=costs, stage_accuracy=outputs.stage_accuracy(),
-                          meets_target=meets)
+                          average_macs=avg, mac_ratio=avg / self.static_macs, exit_rates=rates,
+                          thresholds=thresholds, stage_macs=macs, stage_accuracy=outputs.stage_accuracy(),
+                          meets_target=meets, cost_ratio=None if self.objective.cost == "macs" else ratio, extra=extra)
 
     def archive_key(self, arch: MultiStageArch) -> str:
         """The network's canonical key (one per network, however it was encoded); searched thresholds are part

@@ -78,7 +78,7 @@ def nsga2_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
         evs = session.request_many(archs)  # the generation at once: a pool of workers scores it in parallel
         if len(evs) < len(archs) or session.done:
             return
-        objectives = [(-ev.accuracy, ev.mac_ratio) for ev in evs]
+        objectives = [(-ev.accuracy, ev.objective_ratio) for ev in evs]
         pop.set("X", genomes)
         pop.set("F", np.asarray(objectives, dtype=float))
         algorithm.tell(infills=pop)

@@ -91,7 +91,8 @@ class SearchSession:
         self.best = max(self.best, ev.reward)
         n = len(self.log) + 1
         rec = {"n": n, "key": key, "reward": ev.reward, "accuracy": ev.accuracy, "mac_ratio": ev.mac_ratio,
-               "average_macs": ev.average_macs, "meets_target": ev.meets_target, "best_reward": self.best}
+               "cost_ratio": ev.objective_ratio, "average_macs": ev.average_macs, "meets_target": ev.meets_target,
+               "best_reward": self.best}
         self.log.append(rec)
         with open(self.log_path, "a") as f:
             f.write(("\n" if self._torn else "") + json.dumps(rec) + "\n")
@@ -101,7 +102,8 @@ class SearchSession:
         front = pareto_front(self.log)
         for tag, value in (("reward", ev.reward), ("accuracy", ev.accuracy), ("average_macs", ev.average_macs),
                            ("mac_ratio", ev.mac_ratio), ("best_reward", self.best), ("pareto_size", len(front)),
-                           ("num_stages", len(ev.arch["stages"]))):
+                           ("num_stages", len(ev.arch["stages"])), ("cost_ratio", ev.objective_ratio),
+                           *((k, ev.extra[k]) for k in ("latency_ratio", "batch_time_ratio") if k in ev.extra)):
             self.writer.add_scalar(f"search/{tag}", value, n)
         if self.space is not None and n % TAU_EVERY == 0:
             tau = predictor_tau(self.space, self.log)

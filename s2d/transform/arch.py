@@ -90,6 +90,11 @@ class MultiStageArch:
         """Identity of the network (stages only): thresholds do not change the stage outputs."""
         return json.dumps([s.to_dict() for s in self.stages], sort_keys=True)
 
+    def stage_key(self, stage: int) -> str:
+        """Identity of stage ``stage``'s computation: it depends on the stages before it only, and the last stage
+        differs from the same stage followed by others (it hands on no cache), so costs are cached per key."""
+        return MultiStageArch(self.stages[: stage + 1]).key() + ("|last" if stage == self.num_stages - 1 else "")
+
     def canonical(self, graph: ModelGraph) -> MultiStageArch:
         """The one encoding of this network on ``graph``: reuse flags that change nothing (the first stage's, a
         recomputing stage's, sections where ``reuse_matters`` is false) set to true and collapsed to one flag

@@ -31,21 +31,41 @@ def early_exit(run_stage: StageRunner, x: torch.Tensor, arch: MultiStageArch) ->
     for s in range(arch.num_stages):
         res = run_stage(s, x, cache)
         logits, cache = res[0], tuple(res[1:])
+        if s == last and len(idx) == n:  # nobody left early: the last stage's logits are the output
+            return logits, exit_stage
         if out is None:
             out = logits.new_empty((n, logits.shape[1]))
         if s == last:
             out[idx] = logits
             break
-        done = arch.confidence(s, logits) >= arch.thresholds[s]
-        out[idx[done]] = logits[done]
-        exit_stage[idx[done]] = s
-        keep = ~done
-        if not bool(keep.any()):
+        rest = route(arch, s, logits, x, cache, idx, out, exit_stage)
+        if rest is None:
             break
-        idx, x = idx[keep], x[keep]
-        cache = tuple(c[keep] for c in cache)
+        x, cache, idx = rest
     assert out is not None
     return out, exit_stage
+
+
+def route(arch: MultiStageArch, s: int, logits: torch.Tensor, x: torch.Tensor, cache: tuple[torch.Tensor, ...],
+          idx: torch.Tensor, out: torch.Tensor, exit_stage: torch.Tensor
+          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor] | None:
+    """Stage ``s``'s exit decision: the samples (``idx`` in the whole batch) confident enough are written to
+    ``out`` and ``exit_stage``; the others go on with their inputs and cache, or ``None`` when none is left.
+
+    On ResNet-20 at batch 1 the routing ops cost as much as a quarter of the static network, so the common
+    cases skip the indexing: nobody exits (the batch goes on as it is) and everybody exits."""
+    done = arch.confidence(s, logits) >= arch.thresholds[s]
+    exiting = int(done.sum())
+    if exiting == 0:
+        return x, cache, idx
+    if exiting == len(done):
+        out[idx] = logits
+        exit_stage[idx] = s
+        return None
+    out[idx[done]] = logits[done]
+    exit_stage[idx[done]] = s
+    keep = ~done
+    return x[keep], tuple(c[keep] for c in cache), idx[keep]
 
 
 class DynamicNet(nn.Module):
