@@ -24,7 +24,6 @@ from s2d.pipeline.convert import ConvertConfig, Pipeline, choose_arch
 from s2d.pipeline.pick import (
     PickPipeline,
     candidate_records,
-    check_choice,
     default_pick_dir,
     front_rows,
     open_conversion,
@@ -206,12 +205,29 @@ def test_pick_with_nothing_within_the_drop_chooses_the_static_network(parent, tm
                                        "exit_rule": "max_softmax", "thresholds": []}, "fallback": True}
 
 
-def test_budget_pick_goes_to_its_own_child(parent):
+def test_budget_pick_rescores_for_the_budget(parent, monkeypatch):
+    """A budget pick's objective is the budget's: R's candidates re-scored (R's front, cheapest first, here) meet it
+    exactly when their average MACs fit, and the most accurate within it is chosen, as convert chooses in budget
+    mode."""
+    import s2d.pipeline.pick as pick
+
+    monkeypatch.setattr(pick, "candidate_records", lambda records, top: pick.pareto_front(records)[:4])
     root = parent["root"]
-    check_choice(None, 0.5)
-    assert default_pick_dir(root, max_drop=None, target_mac_ratio=0.25) == root / "picks" / "macs-0.25"
-    cfg = pick_config(ConvertConfig.from_run(root), max_drop=None, target_mac_ratio=0.25)
+    conv = open_conversion(root)
+    cfg = pick_config(conv.cfg, max_drop=None, target_mac_ratio=0.25)
     assert cfg.target_mac_ratio == 0.25 and cfg.tolerance == TOLERANCE and cfg.workers == 1
+    child = default_pick_dir(root, max_drop=None, target_mac_ratio=0.25)
+    assert child == root / "picks" / "macs-0.25"
+    p = PickPipeline(cfg, child, conv, progress=False)
+    p.supernet_phase()
+    p.search_phase()
+    rescored = Archive(child / "archive.jsonl").records()
+    assert len(rescored) == min(4, len(pick.pareto_front(parent["records"])))
+    for r in rescored:
+        assert r["meets_target"] == (r["mac_ratio"] <= 0.25 + 1e-9)
+        assert r["reward"] == pytest.approx(r["accuracy"] - 20.0 * max(0.0, r["mac_ratio"] - 0.25))
+    best = json.loads((child / "state.json").read_text())["search"]["best"]
+    assert best["key"] == choose_arch(rescored, must_meet=False)["key"]
 
 
 def test_errors_are_one_line_and_leave_r_alone(parent, tmp_path, capsys):
