@@ -238,7 +238,6 @@ def pick(run_dir: str | Path, *, max_drop: float | None = None, target_mac_ratio
          top: int = TOP_BY_REWARD) -> tuple[Path, dict[str, Any]]:
     """Ship the operating point of R's front a promise asks for, as the child run ``out`` (default
     :func:`default_pick_dir`); returns its directory and report. Resumable like a conversion."""
-    check_choice(max_drop, target_mac_ratio)
     conv = open_conversion(run_dir)
     cfg = pick_config(conv.cfg, max_drop=max_drop, target_mac_ratio=target_mac_ratio, device=device)
     child = Path(out) if out is not None else default_pick_dir(conv.root, max_drop=max_drop,
