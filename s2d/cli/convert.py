@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from s2d import distributed
 from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in, positive_int
@@ -55,23 +57,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.seeds > 1:
         return _convert_seeds(args)
     p = Pipeline(config_from_args(args), run_dir_from_args(args), progress=not args.quiet)
-    report = p.run_all()
-    print((p.run.root / "report.md").read_text())
+    print_report(p.run.root, p.run_all(), args.dataset)
+    return 0
+
+
+def print_report(root: Path, report: dict[str, Any], dataset: str) -> None:
+    """A finished conversion's (or pick's) report, its fallback notice on stderr, and how to export it."""
+    print((root / "report.md").read_text())
     if report.get("fallback") and distributed.current().is_main:  # one notice, not one per rank
         print(f"s2d: {report['fallback']}", file=sys.stderr)
     d = report["dynamic"]
-    print(f"dynamic network: {p.run.checkpoints / 'dynamic.pt'}; export it with "
-          f"`s2d export --weights {p.run.checkpoints / 'dynamic.pt'} --dataset {args.dataset} --out DIR`")
+    print(f"dynamic network: {root / 'checkpoints' / 'dynamic.pt'}; export it with "
+          f"`s2d export --weights {root / 'checkpoints' / 'dynamic.pt'} --dataset {dataset} --out DIR`")
     print(f"summary: test accuracy {d['test_accuracy'] * 100:.2f} % ({d['accuracy_delta_points']:+.2f} points), "
           f"{1 / d['mac_ratio']:.2f}x fewer average MACs, throughput x{d['throughput_ratio']:.2f} (batch 256)")
+
+
+def cmd_pick(args: argparse.Namespace) -> int:
+    from s2d.errors import S2DError
+    from s2d.pipeline.pick import list_front, pick
+
+    choice = args.max_drop is not None or args.target_mac_ratio is not None
+    if args.list and choice:
+        raise S2DError("--list only shows the front; drop it to pick with --max-drop or --target-mac-ratio")
+    if not choice:
+        if args.out:
+            raise S2DError("--out names the pick's run directory; give --max-drop or --target-mac-ratio with it")
+        front = list_front(args.run_dir, device=check_device(args.device))
+        print((Path(front["run_dir"]) / "front.md").read_text())
+        print(f"written: {front['run_dir']}/front.md, front.json, front.png")
+        return 0
+    root, report = pick(args.run_dir, max_drop=args.max_drop, target_mac_ratio=args.target_mac_ratio, out=args.out,
+                        device=check_device(args.device), progress=not args.quiet)
+    print_report(root, report, report["dataset"])
+    print(f"picked run: {root}")
     return 0
 
 
 def _convert_seeds(args: argparse.Namespace) -> int:
     """``--seeds N``: conversions with seeds ``--seed`` .. ``--seed + N - 1`` in ``RUN_DIR/seed-K``, then the
     error bars (``RUN_DIR/seeds.md``). Each seed resumes on its own."""
-    from pathlib import Path
-
     from s2d.errors import RunDirError
     from s2d.pipeline.convert import Pipeline
     from s2d.pipeline.seeds import write_seeds
@@ -160,3 +185,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common_args(p)
     p.add_argument("--compare-random", action="store_true", help="also run random search at the same budget")
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("pick", help="list a conversion's accuracy/MACs front, or ship another point of it (no new "
+                                     "search: fine-tune and certified report as in convert)")
+    p.add_argument("--run-dir", required=True, help="a finished s2d convert run directory (R)")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="ship the cheapest point within POINTS accuracy points of the static model (certified)")
+    p.add_argument("--target-mac-ratio", type=float, metavar="X",
+                   help="budget mode: the most accurate point with at most X of the static MACs on average")
+    p.add_argument("--list", action="store_true", help="print the front (also without a choice) and exit")
+    p.add_argument("--out", help="the pick's run directory (default R/picks/drop-POINTS or R/picks/macs-X)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_pick)

@@ -401,6 +401,13 @@ class Pipeline:
         finally:
             if pool is not None:
                 pool.close()
+        self.record_choice(summaries)
+        return summaries
+
+    def record_choice(self, summaries: dict[str, Any]) -> dict[str, Any]:
+        """Choose the arch to fine-tune among the archive's records (the configured searcher's and the seeds' first)
+        and record the search phase: the end of a search, and of ``s2d pick``'s re-scoring of another run's archs.
+        Returns the choice (the static network, marked ``fallback``, when no arch keeps the tolerance)."""
         records = self.archive.records()
         main = [r for r in records if r.get("searcher") in (self.cfg.algo, "seed")] or records
         must_meet = not self.budget_mode
@@ -413,7 +420,7 @@ class Pipeline:
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
         self._done("search", summaries=summaries, best=best, fallback=fallback)
-        return summaries
+        return best
 
     def finetune_phase(self) -> None:
         """Fine-tune the chosen arch alone.

@@ -75,3 +75,31 @@ def plot_pareto(records: list[dict[str, Any]], report: dict[str, Any], path) -> 
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_front(records: list[dict[str, Any]], front: dict[str, Any], path) -> None:
+    """``front.png`` of ``s2d pick --list``: every scored arch, the Pareto front joined up and numbered as in the
+    table, and the static model, on the same validation images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    static = front["static_val_accuracy"] * 100
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([r["mac_ratio"] for r in records], [r["accuracy"] * 100 for r in records], s=10, alpha=0.4,
+               color="tab:gray", label=f"scored archs ({len(records)})")
+    pts = front["front"]
+    xs, ys = [r["mac_ratio"] for r in pts], [r["accuracy"] * 100 for r in pts]
+    ax.step(xs, ys, where="post", color="tab:blue", lw=1)
+    ax.scatter(xs, ys, s=24, color="tab:blue", label=f"Pareto front ({len(pts)})")
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True), 1):
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, -9), fontsize=7)
+    ax.scatter([1.0], [static], marker="*", s=160, color="black", label="static model")
+    ax.set_xlabel("average MACs (fraction of the static model's)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(max(min([*ys, static]), static - 15) - 0.5, max([*ys, static]) + 0.5)
+    ax.set_title(f"{front['model']} on {front['dataset']}: the front to pick from")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
