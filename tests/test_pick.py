@@ -21,6 +21,7 @@ import s2d.measure.network as network
 from s2d.cli import main
 from s2d.data import load_dataset
 from s2d.pipeline.convert import ConvertConfig, Pipeline, choose_arch
+from s2d.pipeline.format import stages_summary
 from s2d.pipeline.pick import (
     PickPipeline,
     candidate_records,
@@ -28,7 +29,6 @@ from s2d.pipeline.pick import (
     front_rows,
     open_conversion,
     pick_config,
-    stages_summary,
 )
 from s2d.search.archive import Archive
 

@@ -22,6 +22,7 @@ from s2d.data import Batches
 from s2d.errors import S2DError
 from s2d.measure.latency import LARGE_BATCH
 from s2d.measure.timing import paired_speed
+from s2d.pipeline.format import stages_summary
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.transform.arch import MultiStageArch
 
@@ -78,11 +79,6 @@ def run_latency_bench(pipeline, *, archs: int = 20, b1_images: int = B1_IMAGES, 
     return res
 
 
-def _stages(arch: dict[str, Any]) -> str:
-    return " → ".join(f"{s['width']:g}@{s['exit']}" + ("(static)" if s.get("recompute") else "")
-                      for s in arch["stages"])
-
-
 def latency_markdown(res: dict[str, Any]) -> str:
     b = res["batch"]
     lines = [f"# Latency table against measured time: {res['model']}, {res['archs']} archs", "",
@@ -93,7 +89,7 @@ def latency_markdown(res: dict[str, Any]) -> str:
              "| predicted | error |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {_stages(r['arch'])} | {r['mac_ratio']:.3f} | {r['measured_b1']:.3f} | "
+        lines.append(f"| {stages_summary(r['arch'])} | {r['mac_ratio']:.3f} | {r['measured_b1']:.3f} | "
                      f"{r['predicted_b1']:.3f} | {r['error_b1']:+.1%} | {r['measured_large']:.3f} | "
                      f"{r['predicted_large']:.3f} | {r['error_large']:+.1%} |")
     lines += ["", f"Median |error|: batch 1 {res['median_abs_error_b1']:.1%}, batch {b} "

@@ -124,3 +124,17 @@ def report_markdown(r: dict[str, Any]) -> str:
               "interleaved with the static model (medians); batch-1 latency is the median over single test images "
               "with real early exits.", ""]
     return "\n".join(lines)
+
+
+def stages_summary(arch: dict[str, Any]) -> str:
+    """One arch in a table cell: ``width@exit`` per stage, ``static`` for a cascade's recomputed last stage."""
+    parts = []
+    for st in arch["stages"]:
+        if st.get("recompute"):
+            parts.append("static")
+            continue
+        reuse = st.get("reuse", True)
+        note = "" if reuse is True else " no reuse" if reuse is False else " reuse " + "".join(
+            "y" if r else "n" for r in reuse)
+        parts.append(f"{st['width']:g}@{st['exit']}{note}")
+    return " > ".join(parts)

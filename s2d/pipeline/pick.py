@@ -27,6 +27,7 @@ from s2d.measure.accuracy import logits
 from s2d.measure.guarantee import min_calibration_images
 from s2d.models.zoo import load_model
 from s2d.pipeline.convert import BUDGETS, ConvertConfig, Pipeline
+from s2d.pipeline.format import stages_summary
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.search.archive import Archive, pareto_front
 from s2d.search.runner import summarise
@@ -78,26 +79,15 @@ def static_validation_accuracy(cfg: ConvertConfig, data: Dataset | None = None) 
     return correct.float().mean().item(), len(val)
 
 
-def stages_summary(arch: dict[str, Any]) -> str:
-    """One arch in a table cell: ``width@exit`` per stage, ``static`` for a cascade's recomputed last stage."""
-    parts = []
-    for st in arch["stages"]:
-        if st.get("recompute"):
-            parts.append("static")
-            continue
-        reuse = st.get("reuse", True)
-        note = "" if reuse is True else " no reuse" if reuse is False else " reuse " + "".join(
-            "y" if r else "n" for r in reuse)
-        parts.append(f"{st['width']:g}@{st['exit']}{note}")
-    return " > ".join(parts)
-
-
 def front_rows(records: list[dict[str, Any]], static_accuracy: float) -> list[dict[str, Any]]:
     """The archive's Pareto front (higher accuracy, fewer average MACs), cheapest first, each with its drop."""
     return [{"key": r["key"], "arch": r["arch"], "stages": stages_summary(r["arch"]), "searcher": r.get("searcher", ""),
              "accuracy": r["accuracy"], "drop_points": (static_accuracy - r["accuracy"]) * 100,
              "average_macs": r["average_macs"], "mac_ratio": r["mac_ratio"], "reward": r["reward"],
-             "meets_target": r["meets_target"]} for r in pareto_front(records)]
+             "meets_target": r["meets_target"],
+             # predicted by the latency table when the search had one (--cost latency|throughput)
+             "latency_ratio": r.get("extra", {}).get("latency_ratio"),
+             "batch_time_ratio": r.get("extra", {}).get("batch_time_ratio")} for r in pareto_front(records)]
 
 
 def front_markdown(front: dict[str, Any]) -> str:
@@ -109,11 +99,14 @@ def front_markdown(front: dict[str, Any]) -> str:
              (f" / a {front['target_mac_ratio']:g} MAC budget" if front["target_mac_ratio"] is not None else "") +
              f"). Static model: {front['static_val_accuracy'] * 100:.2f} % on the same {front['val_images']} "
              "validation images.", "",
-             "| # | val acc (%) | drop (points) | MAC ratio | fewer MACs | stages | searcher |",
-             "|---|---|---|---|---|---|---|"]
+             "| # | val acc (%) | drop (points) | MAC ratio | fewer MACs | predicted latency ratio (b1 / b256) "
+             "| stages | searcher |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(front["front"], 1):
+        time = (f"{r['latency_ratio']:.3f} / {r['batch_time_ratio']:.3f}" if r.get("latency_ratio") is not None
+                else "-")
         lines.append(f"| {i} | {r['accuracy'] * 100:.2f} | {r['drop_points']:.2f} | {r['mac_ratio']:.3f} | "
-                     f"{1 / r['mac_ratio']:.2f}x | {r['stages']} | {r['searcher']} |")
+                     f"{1 / r['mac_ratio']:.2f}x | {time} | {r['stages']} | {r['searcher']} |")
     lines += ["", "Ship one: `s2d pick --run-dir R --max-drop POINTS` (certified on the calibration split) or "
               "`--target-mac-ratio X`; the archs are re-scored for the new promise, then fine-tuned and calibrated "
               "as in s2d convert. A drop here is in-sample: the certified one costs a little more.", ""]
