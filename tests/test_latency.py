@@ -31,11 +31,13 @@ THREE = MultiStageArch((Stage(0.25, "layer2.0"), Stage(0.5, "layer3.0"), Stage(1
 
 
 def test_stage_time_interpolates_between_the_measured_batches():
-    t = StageTime(b1_ms=1.0, large_ms=9.0, batch=5)
+    t = StageTime(b1_ms=1.0, mid_ms=4.0, large_ms=9.0, mid=3, batch=5)
     assert t.at(0) == 0.0
     assert t.at(0.5) == pytest.approx(0.5)  # run half of the time, on one sample
     assert t.at(1) == pytest.approx(1.0)
-    assert t.at(3) == pytest.approx(5.0)
+    assert t.at(2) == pytest.approx(2.5)
+    assert t.at(3) == pytest.approx(4.0)
+    assert t.at(4) == pytest.approx(6.5)
     assert t.at(5) == pytest.approx(9.0)
 
 

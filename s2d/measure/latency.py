@@ -3,12 +3,14 @@
 MACs do not turn into time one for one (a narrow conv runs at lower efficiency than a wide one; a 4-stage
 arch pays for four head poolings and its routing), so a search that minimises MACs is not a search that
 minimises latency. As in OFA's and nn-Meter's latency tables, the time of every distinct stage is measured
-once, materialised as it is deployed (batch norm folded), at batch 1 and at a large batch, and kept in a
+once, materialised as it is deployed (batch norm folded), at batch 1, 64 and 256, and kept in a
 table; an arch's average latency is then composed from its stages and exit rates without timing the arch:
 
 * batch 1: the expected latency is the sum over stages of P(reach the stage) · the stage's time;
 * batch N: stage s runs on the ``N · P(reach s)`` samples still in the batch; its time at n samples is
-  interpolated linearly between its batch-1 and batch-N times (a fixed cost plus a per-sample one).
+  interpolated piecewise linearly between the measured batches. Not linear from 1 to 256: on this CPU a
+  batch of 64 small images costs less per image than one of 256, whose activations no longer fit in cache
+  (with two points only, the last stage of a cascade was predicted 25-40 % too slow).
 
 A stage's computation depends only on the stages before it (``MultiStageArch.stage_key``), so archs that
 share a prefix share entries, and a search pays for measuring a stage once. Every stage is timed paired
@@ -41,30 +43,35 @@ from s2d.transform.exit_rule import NEVER_EXIT
 from s2d.transform.stages import materialise
 
 LARGE_BATCH = 256
+MID_BATCH = 64
 COSTS = ("macs", "latency", "throughput")  # what a search minimises: MACs, batch-1 latency, batch-256 time
 
 
 @dataclass(frozen=True)
 class StageTime:
-    """Milliseconds of one forward call at batch 1 and at ``batch``."""
+    """Milliseconds of one forward call at batch 1, ``mid`` and ``batch``."""
 
     b1_ms: float
+    mid_ms: float
     large_ms: float
+    mid: int = MID_BATCH
     batch: int = LARGE_BATCH
 
     def at(self, n: float) -> float:
-        """Time on ``n`` samples (``n`` may be an expectation): linear between the two measured batches."""
+        """Time on ``n`` samples (``n`` may be an expectation): linear between the measured batches."""
         if n <= 0:
             return 0.0
         if n < 1:  # run with probability n
             return n * self.b1_ms
-        return self.b1_ms + (self.large_ms - self.b1_ms) * (n - 1) / (self.batch - 1)
+        if n <= self.mid:
+            return self.b1_ms + (self.mid_ms - self.b1_ms) * (n - 1) / (self.mid - 1)
+        return self.mid_ms + (self.large_ms - self.mid_ms) * (n - self.mid) / (self.batch - self.mid)
 
 
-def machine(device: str, batch: int) -> dict[str, Any]:
+def machine(device: str, batch: int, mid: int) -> dict[str, Any]:
     """What a table's times depend on besides the network."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-            "cpu": platform.processor() or platform.machine(), "batch": batch}
+            "cpu": platform.processor() or platform.machine(), "batch": batch, "mid": mid}
 
 
 class LatencyTable:
@@ -74,9 +81,9 @@ class LatencyTable:
                  batch: int = LARGE_BATCH, repeats: int = 5, b1_repeats: int = 30, seed: int = 0) -> None:
         self.supernet, self.reference = supernet, reference.eval()
         self.path = Path(path) if path is not None else None
-        self.device, self.batch = device, batch
+        self.device, self.batch, self.mid = device, batch, min(MID_BATCH, max(2, batch // 4))
         self.repeats, self.b1_repeats = repeats, b1_repeats
-        self.machine = machine(device, batch)
+        self.machine = machine(device, batch, self.mid)
         g = torch.Generator().manual_seed(seed)
         shape = supernet.input_shape
         self._x1 = torch.randn(1, *shape, generator=g).to(device)
@@ -87,8 +94,11 @@ class LatencyTable:
         self._load()
         if self.static is None:
             one = paired_speed(self.reference, self.reference, [self._x1] * self.b1_repeats, warmup=3)
-            self.static = StageTime(one.fast_reference_ms,
-                                    measure_speed(self.reference, self._xn, repeats=self.repeats).per_batch_ms, batch)
+            large = measure_speed(self.reference, self._xn, repeats=self.repeats).per_batch_ms
+            x_mid = self._xn[: self.mid]  # its time as a share of the large batch's, interleaved with it
+            mid = paired_speed(lambda _: self.reference(self._xn), lambda _: self.reference(x_mid), self._xn,
+                               repeats=self.repeats, warmup=1)
+            self.static = StageTime(one.fast_reference_ms, mid.ratio * large, large, self.mid, batch)
             self._save()
 
     def _load(self) -> None:
@@ -130,11 +140,14 @@ class LatencyTable:
         assert self.static is not None
         for s, (stage, key) in enumerate(zip(stages, keys, strict=True)):
             if key not in self.entries:
-                last = s == len(stages) - 1
-                many = paired_speed(self.reference,
-                                    self._stage_call(arch, s, stage, cn, self._xn, None if last else 0.5),
+                exiting = None if s == len(stages) - 1 else 0.5
+                x_mid, c_mid = self._xn[: self.mid], tuple(c[: self.mid] for c in cn)
+                mid = paired_speed(self.reference, self._stage_call(arch, s, stage, c_mid, x_mid, exiting), x_mid,
+                                   repeats=self.repeats, warmup=1)
+                many = paired_speed(self.reference, self._stage_call(arch, s, stage, cn, self._xn, exiting),
                                     self._xn, repeats=self.repeats, warmup=1)
-                self.entries[key] = StageTime(b1[s], many.ratio * self.static.large_ms, self.batch)
+                self.entries[key] = StageTime(b1[s], mid.ratio * self.static.mid_ms, many.ratio * self.static.large_ms,
+                                              self.mid, self.batch)
                 self.measured += 1
             cn = tuple(stage(self._xn, *cn)[1:])
         self._save()
