@@ -126,6 +126,8 @@ def test_front_rows_and_stages_by_hand():
 
 def test_pick_ships_the_point_without_searching_and_leaves_r_alone(parent, capsys):
     root = parent["root"]
+    table = root / "latency_table.json"  # stage times R's search measured (--cost latency): the child's too
+    table.write_text(json.dumps({"machine": {"threads": 1}, "static": None, "stages": {}}) + "\n")
     before = _snapshot(root)
     argv = ["pick", "--run-dir", str(root), "--max-drop", f"{MAX_DROP:g}", "--threads", "1", "--quiet"]
     assert main(argv) == 0
@@ -149,6 +151,7 @@ def test_pick_ships_the_point_without_searching_and_leaves_r_alone(parent, capsy
     # the parent's supernet, not a retrained one; no search: R's candidates re-scored, chosen as convert chooses
     sn, child_sn = root / "checkpoints" / "supernet.pt", child / "checkpoints" / "supernet.pt"
     assert os.stat(child_sn).st_ino == os.stat(sn).st_ino or child_sn.read_bytes() == sn.read_bytes()
+    assert (child / table.name).read_bytes() == table.read_bytes()
     state = json.loads((child / "state.json").read_text())
     assert state["supernet"]["reused_from"] == str(root) and set(state) == {"supernet", "search", "finetune", "report"}
     assert not (child / "search_ppo.jsonl").exists() and not (child / "search_random.jsonl").exists()

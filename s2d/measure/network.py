@@ -67,7 +67,8 @@ def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, devic
 
 
 def dynamic_figures(net: DynamicNet, test: StageOutputs, costs: list[float], reference: nn.Module, data: Dataset, *,
-                    device: str = "cpu", limit: int | None = None, repeats: int = 20) -> dict[str, Any]:
+                    device: str = "cpu", limit: int | None = None, repeats: int = 20, latency_images: int = 200
+                    ) -> dict[str, Any]:
     """Test figures of a deployed ``DynamicNet``: accuracy and exit rates at its thresholds (from the
     test split's stage outputs), average MACs, and paired speed."""
     thresholds = list(net.arch.thresholds)
@@ -79,5 +80,6 @@ def dynamic_figures(net: DynamicNet, test: StageOutputs, costs: list[float], ref
         "stage_macs": costs,
         "average_macs": average_macs(costs, rates),
         "exit_rates": rates,
-        **dynamic_speed(net, reference, data, device=device, limit=limit, repeats=repeats),
+        **dynamic_speed(net, reference, data, device=device, limit=limit, latency_images=latency_images,
+                        repeats=repeats),
     }

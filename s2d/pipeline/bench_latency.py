@@ -35,7 +35,7 @@ def _exit_rates(net, x: torch.Tensor, stages: int) -> list[float]:
     return (torch.bincount(exits, minlength=stages).float() / len(x)).tolist()
 
 
-def run_latency_bench(pipeline, *, archs: int = 20, b1_images: int = B1_IMAGES, repeats: int = 5, seed: int = 0,
+def run_latency_bench(pipeline, *, archs: int = 20, b1_images: int | None = None, repeats: int = 5, seed: int = 0,
                       progress: bool = True) -> dict[str, Any]:
     """Time ``archs`` archive archs end to end and write ``R/bench_latency/latency.{json,md}``."""
     if not (pipeline.run.checkpoints / "supernet.pt").exists():
@@ -46,6 +46,7 @@ def run_latency_bench(pipeline, *, archs: int = 20, b1_images: int = B1_IMAGES, 
         raise S2DError(f"{pipeline.run.root}/archive.jsonl holds no evaluated arch; run s2d search first")
     pipeline.load_supernet()
     chosen = random.Random(seed).sample(sorted(records), min(archs, len(records)))
+    b1_images = b1_images or min(B1_IMAGES, pipeline.budget.latency_images // 2)
     table = pipeline.latency_table()
     info = pipeline.data.info
     images = pipeline.search_val.subset(max(LARGE_BATCH, b1_images))

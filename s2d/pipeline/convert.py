@@ -56,6 +56,8 @@ class Budget:
     head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
     final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
+    speed_repeats: int = 20  # paired timing repeats of every report row (batch 256: half of them)
+    latency_images: int = 200  # single test images of every report row's batch-1 latency
     narrow_finetune_steps: int | None = None  # steps of a narrow arch's fine-tune (None: finetune_steps): narrow
     # stages need about as long as a static pruner's fine-tune to be as good as its network. A fixed count, not
     # a wall clock, so that the network a user gets does not depend on how loaded the machine was.
@@ -64,7 +66,7 @@ class Budget:
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
-                   final_head_images=500),
+                   final_head_images=500, speed_repeats=4, latency_images=32),  # speed figures as smoke, not data
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
     # sized for ~1.5 h of ResNet-20 on one CPU thread with the old four-arch sandwich (an evaluation is ~1 s per
@@ -228,7 +230,8 @@ class Pipeline:
         if self._latency is None:
             self._latency = LatencyTable(self.supernet, deployable(copy.deepcopy(self.static)),
                                          path=self.run.root / "latency_table.json", device=self.cfg.device,
-                                         seed=self.cfg.seed)
+                                         seed=self.cfg.seed, repeats=max(2, self.budget.speed_repeats // 4),
+                                         b1_repeats=self.budget.speed_repeats * 3 // 2)
         return self._latency
 
     def _latency_ratio(self) -> float:
@@ -504,7 +507,8 @@ class Pipeline:
         self._started["report"] = time.perf_counter()
         device = self.cfg.device
         static = evaluate_static(self.static, self.data, device=device, limit=self.budget.test_limit)
-        meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit)
+        meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit,
+                         repeats=self.budget.speed_repeats, latency_images=self.budget.latency_images)
         self.load_supernet()
         chooser = self.threshold_chooser(full_width=True)
         baselines = self.space.baselines()

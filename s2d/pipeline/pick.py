@@ -200,8 +200,12 @@ class PickPipeline(Pipeline):
         self.parent, self.top = parent, top
 
     def supernet_phase(self) -> None:
-        """R's checkpoint, linked in; its training time is the cost of this phase too."""
+        """R's checkpoint, linked in; its training time is the cost of this phase too. So is R's latency table
+        (its stage times are of this supernet on this machine), when R has one."""
         link_or_copy(self.parent.root / "checkpoints" / "supernet.pt", self.run.checkpoints / "supernet.pt")
+        table = self.parent.root / "latency_table.json"
+        if table.exists() and not (self.run.root / table.name).exists():
+            link_or_copy(table, self.run.root / table.name)
         parent = self.parent.state["supernet"]
         self._done("supernet", checkpoint="checkpoints/supernet.pt", reused_from=str(self.parent.root),
                    **({"seconds": parent["seconds"]} if "seconds" in parent else {}))

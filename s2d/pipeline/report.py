@@ -155,8 +155,9 @@ class RowMeter:
     """Measures report rows against one static reference on one test subset."""
 
     def __init__(self, static_model: nn.Module, static: dict[str, Any], data: Dataset, *, device: str = "cpu",
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, repeats: int = 20, latency_images: int = 200) -> None:
         self.static, self.data, self.device, self.limit = static, data, device, limit
+        self.repeats, self.latency_images = repeats, latency_images
         self.reference = deployable(copy.deepcopy(static_model))
 
     def test_outputs(self, ev: ArchEvaluator, arch: MultiStageArch) -> StageOutputs:
@@ -170,7 +171,8 @@ class RowMeter:
         e = chooser.calib.score(tuned, chooser.outputs("calib", tuned), chooser.calib.stage_costs(tuned))
         test = test if test is not None else self.test_outputs(chooser.calib, arch)
         figures = dynamic_figures(chooser.calib.network_for(tuned).materialise(tuned), test, e.stage_macs,
-                                  self.reference, self.data, device=self.device, limit=self.limit)
+                                  self.reference, self.data, device=self.device, limit=self.limit,
+                                  repeats=self.repeats, latency_images=self.latency_images)
         return {**_row(name, tuned, e, figures, self.static), "certificate": cert.to_dict() if cert else None}, tuned
 
 
