@@ -79,3 +79,19 @@ def random_resnet20_supernet(head_std: float) -> SuperNet:
         for h in net.heads.values():
             h.fc.weight.normal_(0, head_std, generator=g)
     return net
+
+
+@pytest.fixture
+def nothing_meets_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every evaluated arch misses the target (the search finds nothing within tolerance), as it did for the user
+    of issue #11 on their own small dataset."""
+    from s2d.search.evaluator import ArchEvaluator
+
+    score = ArchEvaluator.score
+
+    def nothing_keeps_it(self, arch, outputs, costs):
+        ev = score(self, arch, outputs, costs)
+        ev.meets_target = False
+        return ev
+
+    monkeypatch.setattr(ArchEvaluator, "score", nothing_keeps_it)

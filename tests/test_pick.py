@@ -180,23 +180,14 @@ def test_pick_ships_the_point_without_searching_and_leaves_r_alone(parent, capsy
     assert f"picked run: {child}" in capsys.readouterr().out
 
 
-def test_pick_with_nothing_within_the_drop_chooses_the_static_network(parent, tmp_path, monkeypatch):
+def test_pick_with_nothing_within_the_drop_chooses_the_static_network(parent, tmp_path, monkeypatch,
+                                                                      nothing_meets_the_target):
     """Re-scored, no candidate keeps the drop: the pick's search phase records the static network as a fallback,
     as a conversion's does (then the report ships the cheapest network that keeps it, and says so in one line).
     Three candidates are enough to show it."""
     import s2d.pipeline.pick as pick
-    from s2d.search.evaluator import ArchEvaluator
 
     monkeypatch.setattr(pick, "candidate_records", lambda records, top: records[:3])
-
-    score = ArchEvaluator.score
-
-    def nothing_keeps_it(self, arch, outputs, costs):
-        ev = score(self, arch, outputs, costs)
-        ev.meets_target = False
-        return ev
-
-    monkeypatch.setattr(ArchEvaluator, "score", nothing_keeps_it)
     conv = open_conversion(parent["root"])
     cfg = pick_config(conv.cfg, max_drop=1.0, target_mac_ratio=None)
     p = PickPipeline(cfg, tmp_path / "tight", conv, progress=False)
