@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from s2d.data import Dataset, calibration_split, default_calib_size, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import logits
@@ -218,7 +220,8 @@ class PickPipeline(Pipeline):
         self.load_supernet()
         ev = self.evaluator(self.budget.search_val_images)
         log = []
-        for n, rec in enumerate(candidate_records(self.parent.archive.records(), self.top), 1):
+        candidates = candidate_records(self.parent.archive.records(), self.top)
+        for n, rec in enumerate(tqdm(candidates, desc="re-scoring", disable=not self.progress), 1):
             arch = MultiStageArch.from_dict(rec["arch"])
             if not self.cfg.search_thresholds:  # R's thresholds were calibrated for R's promise
                 arch = MultiStageArch(arch.stages, arch.exit_rule)
