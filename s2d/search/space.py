@@ -11,6 +11,7 @@ can be masked and a sampler is uniform over valid choices.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,15 @@ class SearchSpace:
     search_thresholds: bool = False
     exit_rule: str = "max_softmax"
     exits: list[str] = field(init=False)
+
+    @functools.cached_property
+    def exit_mac_shares(self) -> dict[str, float]:
+        """Static MACs up to each exit over the whole network's (fvcore, once): a stage's rough cost before it
+        is evaluated, for the reward predictor."""
+        from s2d.measure.cost import exit_macs
+
+        macs = exit_macs(self.graph, self.graph.input_shape)
+        return {name: m / macs[-1] for name, m in zip(self.graph.exit_names, macs, strict=True)}
 
     def __post_init__(self) -> None:
         self.exits = self.graph.exit_names
