@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from s2d.transform.arch import MultiStageArch
 from s2d.transform.dynamic import early_exit, route
 from s2d.transform.exit_rule import NEVER_EXIT
 from s2d.transform.stages import materialise
+from s2d.transform.supernet import SuperNet
 
 LARGE_BATCH = 256
 MID_BATCH = 64
@@ -77,7 +79,7 @@ def machine(device: str, batch: int, mid: int) -> dict[str, Any]:
 class LatencyTable:
     """Measured stage times of a supernet's archs (see the module doc); ``path`` keeps them between runs."""
 
-    def __init__(self, supernet, reference: nn.Module, *, path: str | Path | None = None, device: str = "cpu",
+    def __init__(self, supernet: SuperNet, reference: nn.Module, *, path: str | Path | None = None, device: str = "cpu",
                  batch: int = LARGE_BATCH, repeats: int = 5, b1_repeats: int = 30, seed: int = 0) -> None:
         self.supernet, self.reference = supernet, reference.eval()
         self.path = Path(path) if path is not None else None
@@ -104,8 +106,6 @@ class LatencyTable:
     def _load(self) -> None:
         if self.path is None or not self.path.exists():
             return
-        import json
-
         try:
             saved = json.loads(self.path.read_text())
             if saved.get("machine") != self.machine:
