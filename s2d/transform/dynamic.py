@@ -52,8 +52,8 @@ def route(arch: MultiStageArch, s: int, logits: torch.Tensor, x: torch.Tensor, c
     """Stage ``s``'s exit decision: the samples (``idx`` in the whole batch) confident enough are written to
     ``out`` and ``exit_stage``; the others go on with their inputs and cache, or ``None`` when none is left.
 
-    On ResNet-20 at batch 1 the routing ops cost as much as a quarter of the static network, so the common
-    cases skip the indexing: nobody exits (the batch goes on as it is) and everybody exits."""
+    At batch 1 a stage's decision is always all or nothing, and at large batches often so: those cases skip
+    the boolean indexing of outputs, inputs and cache (nobody exits: the batch goes on as it is)."""
     done = arch.confidence(s, logits) >= arch.thresholds[s]
     exiting = int(done.sum())
     if exiting == 0:
