@@ -69,10 +69,10 @@ BUDGETS = {
                    final_head_images=500, speed_repeats=4, latency_images=32),  # speed figures as smoke, not data
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
-    # sized for ~1.5 h of ResNet-20 on one CPU thread with the old four-arch sandwich (an evaluation is ~1 s per
-    # 1000 images); the three-pruned-widths sandwich costs about half as much per step (not yet timed at this budget)
+    # a second, random search at the same evaluations doubled the search phase without changing the network
+    # shipped: comparing searchers is `s2d bench search`'s job, on one supernet and several seeds
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,
-                   batch_size=128, compare_random=True, head_images=20000, bn_images=1000, narrow_finetune_steps=4000),
+                   batch_size=128, compare_random=False, head_images=20000, bn_images=1000, narrow_finetune_steps=4000),
 }
 
 
