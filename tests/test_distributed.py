@@ -79,9 +79,47 @@ def test_two_ranks_train_like_one_process(tmp_path, bn, tol):
     assert _distance(one, two) <= tol * travelled
 
 
-@pytest.mark.slow  # hung once (2026-12-02) after the resumed run finished: both ranks in a DDP broadcast_coalesced
+def _workers(agent: int) -> list[int]:
+    """The processes torchrun (``agent``) started: each in a session of its own, so a kill of the agent's
+    process group leaves them running (and writing the run's checkpoints beside a resumed run)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == agent:
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_run(proc: subprocess.Popen) -> None:
+    """kill -9 of everything a torchrun launch started, as a crash of the machine would: workers, then agent."""
+    workers = _workers(proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status waits for init to collect it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_killed_two_rank_run_resumes(tmp_path):
-    """kill -9 of a 2-rank run after its first checkpoint; the rerun resumes from it and finishes."""
+    """kill -9 of a 2-rank run after its first checkpoint; the rerun resumes from it and finishes.
+
+    The kill reaches torchrun's workers too: they run in sessions of their own, and a kill of torchrun's
+    process group alone once left them training beside the resumed run (the test then hung)."""
     out = tmp_path / "run"
     out.mkdir()
     ckpt = out / "checkpoints" / "supernet.pt"
@@ -94,8 +132,7 @@ def test_killed_two_rank_run_resumes(tmp_path):
             time.sleep(0.2)
         assert ckpt.exists() and proc.poll() is None, "no checkpoint before the run ended"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_run(proc)
     step = torch.load(ckpt, weights_only=False)["step"]
     assert 0 < step < 40 and not (out / "state.pt").exists()
     _train(out, "frozen", 40, 2)
