@@ -157,15 +157,3 @@ def test_exit_stages_by_hand():
     assert exit_stages(conf, [0.95, 0.7]).tolist() == [2, 1, 1, 2]
     assert exit_stages(conf[:1], []).tolist() == [0, 0, 0, 0]  # one stage: everyone at it
     assert exit_rates(torch.tensor([0, 1, 0, 2]), 3) == [0.5, 0.25, 0.25]
-
-
-def test_stage_latencies_follow_the_stages(sn, x):
-    """One figure per stage, fed the cache of the stage before (a stage cannot run without it), and the
-    static reference's time from the same loop."""
-    from s2d.measure.timing import stage_latencies_ms
-
-    arch = MultiStageArch.from_dict({"stages": STAGES, "thresholds": [0.5, 0.5]})
-    net = sn.materialise(arch)
-    full = sn.materialise(MultiStageArch.from_dict({"stages": [STAGES[-1] | {"width": 1.0}]}))
-    stages, ref = stage_latencies_ms(lambda xs: full(xs), list(net.stages), x[:1], repeats=5)
-    assert len(stages) == 3 and all(ms > 0 for ms in stages) and ref > 0

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from s2d.measure.timing import deployable, measure_speed, paired_speed
+from s2d.measure.timing import deployable, expected_latency, measure_speed, paired_speed
 from s2d.models import get_model
 
 
@@ -39,6 +39,28 @@ def test_paired_speed_over_a_sequence_times_each_input_once_per_side():
     inputs = [torch.full((1, 2), float(i)) for i in range(5)]
     r = paired_speed(lambda x: seen.append(int(x[0, 0])), lambda x: None, inputs, warmup=0)
     assert seen == [0, 1, 2, 3, 4] and r.repeats == 5 and r.batch_size == 1
+
+
+def test_expected_latency_is_the_average_image_not_the_typical_one():
+    """A cascade that answers 3 of 4 images at a tenth of the reference's time and the 4th at twice it: a user
+    sending them one by one waits (3 * 0.1 + 2) / 4 = 0.575 of the reference's time on average, where the
+    median image's ratio (0.1) is what the typical image costs."""
+    def spin(seconds: float) -> None:  # busy, not asleep: a sleep's wake-up lags on a loaded machine
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def reference(x):
+        spin(0.004)
+
+    def cascade(x):
+        spin(0.008 if int(x[0, 0]) % 4 == 3 else 0.0004)
+
+    images = [torch.full((1, 2), float(i)) for i in range(8)]
+    r = expected_latency(reference, cascade, images)
+    assert r.ratio == r.mean_ratio == r.fast_ratio and r.batch_size == 1 and r.repeats == 3 * 8
+    assert 0.5 < r.ratio < 0.65, r
+    assert paired_speed(reference, cascade, images, warmup=0).ratio < 0.3  # the median: a typical image
 
 
 def test_static_network_against_itself_is_a_tie_on_a_busy_machine():

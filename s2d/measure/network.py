@@ -15,7 +15,7 @@ from torch import nn
 from s2d.data import Batches, Dataset
 from s2d.measure.accuracy import StageOutputs, accuracy
 from s2d.measure.cost import average_macs, static_cost
-from s2d.measure.timing import deployable, measure_speed, paired_speed
+from s2d.measure.timing import deployable, expected_latency, measure_speed, paired_speed
 from s2d.transform.dynamic import DynamicNet
 
 
@@ -55,7 +55,7 @@ def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, devic
     test = data.test.subset(limit)
     x256 = next(iter(Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)))[0]
     thr = paired_speed(reference, net, x256, repeats=max(5, repeats // 2))
-    lat = paired_speed(reference, net, x256[:latency_images].split(1), warmup=1)
+    lat = expected_latency(reference, net, x256[:latency_images].split(1))
     return {
         "latency_ms_batch1": lat.candidate_ms,
         "static_latency_ms_batch1": lat.reference_ms,

@@ -4,7 +4,8 @@ Every speed *ratio* s2d reports comes from :func:`paired_speed`: the reference (
 model) and the candidate are called alternately on the same inputs and the ratio is the
 median of the per-repeat ratios, so a background load slows both alike. Two separately
 timed loops on this noisy 2-core machine produce fake speed-ups of up to 1.9x. Both sides
-are timed as they would be deployed (:func:`deployable`: batch norm folded).
+are timed as they would be deployed (:func:`deployable`: batch norm folded). Batch-1 latency over
+many images (:func:`expected_latency`) is the mean time per image, each image's fastest paired call.
 """
 
 from __future__ import annotations
@@ -142,18 +143,24 @@ def _fast(times: list[float]) -> float:
 
 
 @torch.no_grad()
-def stage_latencies_ms(reference: Forward, stages: Sequence[Callable[..., tuple[torch.Tensor, ...]]],
-                       x: torch.Tensor, *, repeats: int = 30) -> tuple[list[float], float]:
-    """Batch-1 milliseconds of every stage (fed the cache of the stage before it), each timed paired with
-    ``reference`` on the same image: (per-stage ms, reference ms). A sample's latency is the sum over the
-    stages it runs, plus the routing between them; the static model's latency comes from the same loop,
-    so a busy machine scales both."""
-    cache: tuple[torch.Tensor, ...] = ()
-    ratios, ref_ms = [], []
-    for stage in stages:
-        p = paired_speed(reference, lambda xs, st=stage, c=cache: st(xs, *c), [x] * repeats, warmup=3)
-        ratios.append(p.ratio)
-        ref_ms.append(p.reference_ms)
-        cache = tuple(stage(x, *cache)[1:])
-    ref = statistics.median(ref_ms)
-    return [r * ref for r in ratios], ref
+def expected_latency(reference: Forward, candidate: Forward, images: Sequence[torch.Tensor], *,
+                     repeats: int = 3, warmup: int = 1) -> PairedSpeed:
+    """Batch-1 latency of ``candidate`` against ``reference`` averaged over ``images``, as a user who sends
+    them one by one waits for them: the ratio is the candidate's total time over the reference's.
+
+    A dynamic network's time depends on the image (where it exits), so the median per-image ratio is the
+    time of a typical (early-exiting) image, not of the average one: it flattered cascades. Each image is
+    timed ``repeats`` times per side, interleaved, and its fastest call counts, so preemption on a busy
+    machine does not land on one side. ``ratio``, ``mean_ratio`` and ``fast_ratio`` all hold the
+    expected ratio; the ms fields are the means over images."""
+    if not images:
+        raise ValueError("expected_latency needs at least one image")
+    cand, ref = [], []
+    for x in images:
+        p = paired_speed(reference, candidate, [x] * repeats, warmup=warmup)
+        cand.append(p.fast_candidate_ms)
+        ref.append(p.fast_reference_ms)
+    c_ms, r_ms = statistics.fmean(cand), statistics.fmean(ref)
+    ratio = c_ms / r_ms
+    return PairedSpeed(batch_size=1, reference_ms=r_ms, candidate_ms=c_ms, ratio=ratio, repeats=repeats * len(cand),
+                       mean_ratio=ratio, fast_candidate_ms=c_ms, fast_reference_ms=r_ms)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from s2d.data import Batches
 from s2d.errors import S2DError
 from s2d.measure.latency import LARGE_BATCH
-from s2d.measure.timing import paired_speed
+from s2d.measure.timing import expected_latency, paired_speed
 from s2d.pipeline.format import stages_summary
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.transform.arch import MultiStageArch
@@ -57,10 +57,10 @@ def run_latency_bench(pipeline, *, archs: int = 20, b1_images: int | None = None
         arch = MultiStageArch.from_dict(records[key]["arch"])
         net = pipeline.supernet.materialise(arch)
         many = paired_speed(table.reference, net, xn, repeats=repeats, warmup=1)
-        b1 = [paired_speed(table.reference, net, [img] * B1_REPEATS, warmup=1) for img in x1.split(1)]
+        b1 = expected_latency(table.reference, net, x1.split(1), repeats=B1_REPEATS)
         rates_n, rates_1 = _exit_rates(net, xn, arch.num_stages), _exit_rates(net, x1, arch.num_stages)
         row = {"arch": arch.to_dict(), "stages": arch.num_stages, "mac_ratio": records[key]["mac_ratio"],
-               "measured_b1": sum(p.fast_candidate_ms for p in b1) / sum(p.fast_reference_ms for p in b1),
+               "measured_b1": b1.ratio,
                "predicted_b1": table.ratio(arch, rates_1, 1),
                "measured_large": many.ratio, "predicted_large": table.ratio(arch, rates_n, LARGE_BATCH),
                "exit_rates_large": rates_n, "exit_rates_b1": rates_1}

@@ -367,8 +367,7 @@ class Pipeline:
                                 static_correct, confidence=self.cfg.confidence,
                                 tolerance_points=None if self.budget_mode else self.cfg.tolerance,
                                 latency_ms=self.cfg.target_latency_ms,
-                                reference=deployable(copy.deepcopy(self.static)) if self.cfg.target_latency_ms
-                                else None)
+                                latency=self.latency_table() if self.cfg.target_latency_ms else None)
 
     def _with_temperatures(self, chooser: ThresholdChooser, arch: MultiStageArch) -> MultiStageArch:
         """Per-exit temperatures fitted on the search's validation images (not the calibration split, which

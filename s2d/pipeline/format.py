@@ -121,8 +121,9 @@ def report_markdown(r: dict[str, Any]) -> str:
               "width (static, depth_only): those are the static network plus exit heads, scored with the static "
               "weights and linear-probe heads. The chosen network is fine-tuned on its own afterwards (a full-width "
               "one: its heads, on every training image). Speed ratios are wall-clock on this machine, each timed "
-              "interleaved with the static model (medians); batch-1 latency is the median over single test images "
-              "with real early exits.", ""]
+              "interleaved with the static model; batch 256: median of the paired repeats; batch 1: the mean time per "
+              "image over single test images with real early exits (each image's fastest of 3 paired calls), as a "
+              "user sending them one by one waits.", ""]
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ from s2d.errors import S2DError
 from s2d.measure.accuracy import StageOutputs, logits, stage_outputs
 from s2d.measure.cost import stage_macs, static_cost
 from s2d.measure.significance import paired_comparison
-from s2d.measure.timing import deployable, paired_speed
+from s2d.measure.timing import deployable, expected_latency, paired_speed
 from s2d.models.zoo import load_model
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.training.prune import kd_finetune, prune_to_mac_ratio, restore_pruned
@@ -184,7 +184,7 @@ def paired_figures(reference: nn.Module, candidate: Callable[[torch.Tensor], obj
     first test images, the protocol of the report's rows (so peers and report rows are comparable)."""
     x = next(iter(Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)))[0]
     thr = paired_speed(reference, candidate, x, repeats=repeats)
-    lat = paired_speed(reference, candidate, x[:latency_images].split(1), warmup=1)
+    lat = expected_latency(reference, candidate, x[:latency_images].split(1))
     return {"throughput_ratio": thr.speedup, "latency_ratio": lat.ratio,
             "throughput_img_s_batch256": thr.candidate.img_per_s,
             "static_throughput_img_s_batch256": thr.reference.img_per_s,
@@ -507,7 +507,8 @@ def peers_markdown(res: dict[str, Any]) -> str:
                    "exit rule on these stages can beat it, and it has no speed figure (it is not deployable).")
               if oracle.get("available", True) else f"Oracle bound: not available ({oracle['reason']})."]
     lines += ["", "Speed ratios are wall-clock on this machine, each timed interleaved with the deployed static model "
-              "(BN folded): throughput > 1 and latency < 1 are faster. Sources: Torch-Pruning rows and the s2d "
+              "(BN folded): throughput > 1 and latency < 1 are faster; batch-1 latency is the mean time per image over "
+              "single test images (each image's fastest of 3 paired calls). Sources: Torch-Pruning rows and the s2d "
               "operating points are measured here; the depth-only and searched + fine-tuned rows come from the "
               "conversion's report.json (— where it has none). Cost: pruning plus fine-tuning for the peers, the "
               "whole conversion for s2d's points (one conversion yields all of them); the depth-only network is a "

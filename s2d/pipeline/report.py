@@ -15,19 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2d.data import Batches, Dataset
+from s2d.data import Dataset
 from s2d.measure.accuracy import StageOutputs, stage_outputs
 from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thresholds
 from s2d.measure.cost import average_macs
 from s2d.measure.guarantee import Certificate, certify, threshold_sequence
+from s2d.measure.latency import LatencyTable
 from s2d.measure.network import dynamic_figures
-from s2d.measure.timing import deployable, stage_latencies_ms
+from s2d.measure.timing import deployable
 from s2d.pipeline.format import report_markdown
 from s2d.pipeline.plots import plot_pareto
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.search.evaluator import ArchEvaluator, Evaluation
 from s2d.transform.arch import MultiStageArch
-from s2d.transform.exit_rule import NEVER_EXIT
 
 TOLERANCES = (0.1, 0.2, 0.5, 1.0)  # accuracy points of the operating points
 BUDGET_RATIOS = (1 / 2, 1 / 3, 1 / 4)  # average-MAC budgets of the budget points (static pruning's 2x, 3x, 4x)
@@ -75,10 +75,10 @@ class ThresholdChooser:
 
     def __init__(self, val: ArchEvaluator, calib: ArchEvaluator, static_correct: torch.Tensor, *,
                  tolerance_points: float | None, confidence: float, latency_ms: float | None = None,
-                 reference: nn.Module | None = None) -> None:
+                 latency: LatencyTable | None = None) -> None:
         self.val, self.calib, self.static_correct = val, calib, static_correct
         self.tolerance_points, self.confidence = tolerance_points, confidence
-        self.latency_ms, self.reference = latency_ms, reference
+        self.latency_ms, self.latency = latency_ms, latency
         self._outputs: dict[tuple[str, str], StageOutputs] = {}
 
     def outputs(self, split: str, arch: MultiStageArch) -> StageOutputs:
@@ -107,13 +107,11 @@ class ThresholdChooser:
         return e.average_macs / self.calib.static_macs
 
     def _latency_thresholds(self, arch: MultiStageArch) -> list[float]:
-        """The most accurate thresholds whose average batch-1 latency, from stage latencies measured here
-        (paired with the static model), stays within ``latency_ms`` on the calibration split."""
-        assert self.latency_ms is not None
-        net = self.calib.network_for(arch).materialise(arch.with_thresholds([NEVER_EXIT] * (arch.num_stages - 1)))
-        x1 = next(iter(Batches(self.calib.val.subset(1), self.calib.info, 1, device=self.calib.device)))[0]
-        assert self.reference is not None, "a latency budget needs the static model to time against"
-        costs, _ = stage_latencies_ms(self.reference, list(net.stages), x1)
+        """The most accurate thresholds whose average batch-1 latency, from the run's latency table (the
+        search's cost model: each stage timed in its chain), stays within ``latency_ms`` on the calibration
+        split."""
+        assert self.latency_ms is not None and self.latency is not None, "a latency budget needs the latency table"
+        costs, _ = self.latency.stage_costs(arch, "latency")
         return calibrate_budget_thresholds(self.outputs("calib", arch), costs, self.latency_ms)
 
     def operating_points(self, arch: MultiStageArch, test: StageOutputs, static: dict[str, Any]
