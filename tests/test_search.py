@@ -115,7 +115,7 @@ def test_ppo_settings_update_on_small_budgets():
             assert 4 <= steps / s.n_steps <= 16
 
 
-@pytest.mark.parametrize("algo", ["ppo", "nsga2", "random"])
+@pytest.mark.parametrize("algo", ["ppo", "nsga2", "evolution", "random"])
 def test_resume_to_a_larger_budget(net, tmp_path, algo):
     run = Run(tmp_path)
     ev1 = evaluator(net, tmp_path)
@@ -135,14 +135,14 @@ def test_resume_to_a_larger_budget(net, tmp_path, algo):
     ev3 = evaluator(net, tmp_path)  # at the budget already: nothing to do
     run_search(ev3, net["space"], run, algo=algo, budget=6, seed=1, progress=False)
     assert ev3.evaluations == 0 and read_jsonl(tmp_path / f"search_{algo}.jsonl") == log
-    if algo == "random":  # a resumed random search continues the same sequence
+    if algo in ("random", "evolution"):  # a resumed search continues the same sequence
         straight = tmp_path / "straight"
-        run_search(evaluator(net, straight), net["space"], Run(straight), algo="random", budget=6, seed=1,
+        run_search(evaluator(net, straight), net["space"], Run(straight), algo=algo, budget=6, seed=1,
                    progress=False)
-        assert [r["key"] for r in read_jsonl(straight / "search_random.jsonl")] == [r["key"] for r in log]
+        assert [r["key"] for r in read_jsonl(straight / f"search_{algo}.jsonl")] == [r["key"] for r in log]
 
 
-@pytest.mark.parametrize("algo", ["ppo", "nsga2", "random"])
+@pytest.mark.parametrize("algo", ["ppo", "nsga2", "evolution", "random"])
 def test_interrupted_search_resumes_without_reevaluating(net, tmp_path, monkeypatch, algo):
     run = Run(tmp_path)
     ev = evaluator(net, tmp_path)
@@ -367,6 +367,52 @@ def test_nsga2_is_reproducible_and_moves_the_front(net, tmp_path):
     assert front_volume(logs["a"]) == pytest.approx(0.04475)  # the best front: width 1/8 ... 1 one-stage networks
 
 
+def test_evolution_rates_mutants_with_the_predictor_and_resumes_where_it_stopped(net, tmp_path, monkeypatch):
+    """The seeds, then random draws until 24 rewards exist, then each real evaluation goes to the best-rated
+    candidate: on the instant objective (1 - mean width) its later archs beat random search's at the same
+    budget. Killed at 30 evaluations and resumed to 40, it requests exactly what an uninterrupted run does."""
+    from s2d.search import evolution
+
+    monkeypatch.setattr(evolution, "MUTANTS", 8)  # fewer candidates per step: a unit test, not a search
+    monkeypatch.setattr(evolution, "RANDOM_CANDIDATES", 32)
+    logs = {}
+    for name, algo, budget in (("e", "evolution", 40), ("r", "random", 40), ("k", "evolution", 30)):
+        root = tmp_path / name
+        ev = FakeEvaluator(root)
+        run_search(ev, net["space"], Run(root), algo=algo, budget=budget, seed=0, progress=False)
+        assert ev.evaluations == budget  # nothing archived before: every request is a real evaluation
+        logs[name] = read_jsonl(root / f"search_{algo}.jsonl")
+    seeds = [a.key() for a in net["space"].seeds()]
+    assert [r["key"] for r in logs["e"][: len(seeds)]] == seeds  # the known-good archs first
+    late = np.array([r["reward"] for r in logs["e"][24:]])
+    assert late.mean() > np.mean([r["reward"] for r in logs["r"]]) + 0.1
+    run_search(FakeEvaluator(tmp_path / "k"), net["space"], Run(tmp_path / "k"), algo="evolution", budget=40, seed=0,
+               progress=False)
+    assert [r["key"] for r in read_jsonl(tmp_path / "k" / "search_evolution.jsonl")] == [r["key"] for r in logs["e"]]
+    check_log(tmp_path / "e", "evolution", 40)
+
+
+def test_a_genome_encodes_every_arch_of_the_space(net):
+    """``encode`` is ``decode``'s inverse on canonical archs (with searched thresholds too), and a mutant is a
+    valid neighbour: a mutation starts from the arch itself, not from a random genome."""
+    from s2d.search.evolution import mutate
+
+    rng = np.random.default_rng(0)
+    for thresholds in (False, True):
+        space = SearchSpace(net["supernet"].graph, search_thresholds=thresholds)
+        for _ in range(200):
+            arch = space.sample(rng)
+            assert space.decode(space.encode(arch)) == arch
+    space = net["space"]
+    arch = space.sample(rng)
+    mutants = [mutate(space, arch, rng) for _ in range(100)]
+    assert all(m.validate(net["supernet"].graph) == m.canonical(net["supernet"].graph) for m in mutants)
+    changed = [m for m in mutants if m.key() != arch.key()]
+    assert len(changed) > 90 and len({m.key() for m in changed}) > 30
+    differ = [sum(a != b for a, b in zip(space.encode(m), space.encode(arch), strict=True)) for m in changed]
+    assert np.median(differ) <= 3  # neighbours, not random archs (a random draw differs in about half its genes)
+
+
 def test_the_predictor_tau_is_logged_as_the_search_goes(net, tmp_path):
     run_search(FakeEvaluator(tmp_path), net["space"], Run(tmp_path), algo="random", budget=30, seed=0, progress=False)
     tau = scalars(tmp_path / "tensorboard" / "search_random")["search/predictor_kendall_tau"]
@@ -375,10 +421,8 @@ def test_the_predictor_tau_is_logged_as_the_search_goes(net, tmp_path):
 
 
 def test_every_genome_is_a_valid_canonical_arch(net):
-    from s2d.search.nsga import gene_upper_bounds
-
     space = SearchSpace(net["supernet"].graph, search_thresholds=True)
-    upper = gene_upper_bounds(space)
+    upper = space.gene_bounds()
     assert len(upper) == len(space.genome_slots()) == 1 + 4 * (4 + space.num_sections)
     rng = np.random.default_rng(0)
     seen = set()

@@ -122,7 +122,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "took, from state.json's phase seconds, else the run directory's file times)")
     p.add_argument("--ratios", default="2,3,4",
                    help="peers: Torch-Pruning MAC reductions, comma-separated (default 2,3,4; 'none': no peers)")
-    p.add_argument("--algos", default="ppo,ppo_guided,nsga2,random",
+    p.add_argument("--algos", default="ppo,ppo_guided,nsga2,evolution,random",
                    help="search: searchers to compare, comma-separated")
     p.add_argument("--seeds", type=positive_int, default=3, help="search: seeds per searcher")
     p.add_argument("--evaluations", type=positive_int, default=None,

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-SEARCHER_COLOURS = {"ppo": "tab:blue", "ppo_guided": "tab:purple", "nsga2": "tab:orange", "random": "tab:gray",
-                    "seed": "tab:green"}
+SEARCHER_COLOURS = {"ppo": "tab:blue", "ppo_guided": "tab:purple", "nsga2": "tab:orange", "evolution": "tab:red",
+                    "random": "tab:gray", "seed": "tab:green"}
 
 
 def _save(fig, path) -> None:

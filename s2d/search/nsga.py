@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from s2d.errors import S2DError
-from s2d.search.space import THRESHOLD_GRID, SearchSpace
+from s2d.search.space import SearchSpace
 
 if TYPE_CHECKING:
     from s2d.search.session import SearchSession
@@ -33,12 +33,6 @@ def population_size(budget: int) -> int:
     return int(np.clip(budget // 6, 8, 40))
 
 
-def gene_upper_bounds(space: SearchSpace) -> np.ndarray:
-    """The largest option of each gene (its decision's option count minus one)."""
-    highest = {"stages": space.max_stages, "width": len(space.widths) - 1, "exit": len(space.exits) - 1,
-               "recompute": 1, "reuse": 1, "threshold": len(THRESHOLD_GRID) - 1}
-    return np.asarray([highest[slot[0]] for slot in space.genome_slots()], dtype=np.int64)
-
 
 def nsga2_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
     """Evolve archs until the session's budget of distinct archs is spent."""
@@ -51,7 +45,7 @@ def nsga2_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
         from pymoo.operators.sampling.rnd import IntegerRandomSampling
     except ImportError:
         raise S2DError("--algo nsga2 needs pymoo: pip install -e '.[search]'") from None
-    upper = gene_upper_bounds(space)
+    upper = space.gene_bounds()
     problem = Problem(n_var=len(upper), n_obj=2, xl=np.zeros(len(upper)), xu=upper, vtype=int)
     algorithm = NSGA2(pop_size=population_size(session.budget), sampling=IntegerRandomSampling(),
                       crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),

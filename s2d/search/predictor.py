@@ -79,6 +79,13 @@ class RewardPredictor:
     def predict(self, archs: Sequence[MultiStageArch]) -> np.ndarray:
         return self.model.predict(np.stack([self.features(a) for a in archs]))
 
+    def predict_spread(self, archs: Sequence[MultiStageArch]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the trees' predictions: how unsure the ensemble is of an arch, which
+        a searcher can spend on exploring where it knows little."""
+        x = np.stack([self.features(a) for a in archs])
+        per_tree = np.stack([tree.predict(x) for tree in self.model.estimators_])
+        return per_tree.mean(0), per_tree.std(0)
+
 
 def held_out_tau(space: SearchSpace, records: Sequence[dict[str, Any]], folds: int = 5, seed: int = 0
                  ) -> float | None:

@@ -1,5 +1,5 @@
 """Searchers over one evaluator and one budget: PPO (MaskablePPO, plain or predictor-guided), NSGA-II
-(pymoo) and random search.
+(pymoo), predictor-screened evolution and random search.
 
 A searcher's budget is the number of *distinct* archs it asks for (served from the
 archive or not), so PPO and random search compare at equal evaluations. Each searcher
@@ -24,7 +24,7 @@ from s2d.search.evaluator import ArchEvaluator
 from s2d.search.session import SearchSession
 from s2d.search.space import SearchSpace
 
-ALGOS = ("ppo", "ppo_guided", "nsga2", "random")
+ALGOS = ("ppo", "ppo_guided", "nsga2", "evolution", "random")
 
 
 def random_search(session: SearchSession, space: SearchSpace, seed: int) -> None:
@@ -131,6 +131,10 @@ def run_search(evaluator: ArchEvaluator, space: SearchSpace, run: Run, *, algo: 
                 random_search(session, space, seed)
             elif algo == "ppo_guided":
                 ppo_search(session, space, run, seed, guided=True)
+            elif algo == "evolution":
+                from s2d.search.evolution import evolution_search
+
+                evolution_search(session, space, seed)
             elif algo == "nsga2":
                 from s2d.search.nsga import nsga2_search
 

@@ -152,6 +152,28 @@ class SearchSpace:
                 slots.append(("threshold", s))
         return slots
 
+    def gene_bounds(self) -> np.ndarray:
+        """The largest option of each gene (its decision's option count minus one)."""
+        highest = {"stages": self.max_stages, "width": len(self.widths) - 1, "exit": len(self.exits) - 1,
+                   "recompute": 1, "reuse": 1, "threshold": len(THRESHOLD_GRID) - 1}
+        return np.asarray([highest[slot[0]] for slot in self.genome_slots()], dtype=np.int64)
+
+    def encode(self, arch: MultiStageArch) -> np.ndarray:
+        """A genome that :meth:`decode` reads back as ``arch`` (a canonical arch of this space): what a mutation
+        starts from. Genes of decisions the arch does not make are 0."""
+        genes = np.zeros(len(self.genome_slots()), dtype=np.int64)
+        slot = {k: i for i, k in enumerate(self.genome_slots())}
+        genes[0] = arch.num_stages
+        for s, st in enumerate(arch.stages):
+            genes[slot[("width", s)]] = self.widths.index(st.width)
+            genes[slot[("exit", s)]] = self.exits.index(st.exit) if st.exit in self.exits else len(self.exits) - 1
+            genes[slot[("recompute", s)]] = int(st.recompute)
+            for k in range(self.num_sections):
+                genes[slot[("reuse", s, k)]] = int(st.reuse_in(k))
+            if self.search_thresholds and s < len(arch.thresholds):
+                genes[slot[("threshold", s)]] = int(np.abs(np.asarray(THRESHOLD_GRID) - arch.thresholds[s]).argmin())
+        return genes
+
     def decode(self, genes: np.ndarray | list[int]) -> MultiStageArch:
         """The valid arch a genome stands for: each decision takes its gene's option, or the nearest valid one
         (the rule ``MultiStageEnv`` applies to unmasked actions), so every genome is a network and genes of
