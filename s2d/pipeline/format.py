@@ -98,8 +98,9 @@ def report_markdown(r: dict[str, Any]) -> str:
                          f"{1 / o['mac_ratio']:.2f}x | {rates} | {o['in_sample_accuracy_delta_points']:+.2f} | "
                          f"{1 / o['in_sample_mac_ratio']:.2f}x |")
     if r.get("budget_points"):
-        lines += ["", "Budget points of the chosen network (the most accurate thresholds within each average-MAC "
-                  "budget on the calibration split, applied to the test split):", "",
+        lines += ["", "Budget points of the chosen network (on the calibration split, the thresholds that spend each "
+                  "average-MAC budget: the costliest setting within it whose accuracy is within one standard error "
+                  "of the most accurate one; applied to the test split):", "",
                   "| budget (MACs fewer) | test acc (%) | Δ points | MACs fewer on test | exit rates |",
                   "|---|---|---|---|---|"]
         for b in r["budget_points"]:

@@ -70,7 +70,7 @@ class ThresholdChooser:
 
     Tolerance mode: the fixed sequence of candidate settings comes from the search's validation
     images, and the setting is certified on the calibration split (``measure.guarantee``). Budget
-    mode: the most accurate setting within the MAC budget on the calibration split.
+    mode: the setting that spends the MAC budget on the calibration split (``calibrate_budget``).
     """
 
     def __init__(self, val: ArchEvaluator, calib: ArchEvaluator, static_correct: torch.Tensor, *,
@@ -107,9 +107,9 @@ class ThresholdChooser:
         return e.average_macs / self.calib.static_macs
 
     def _latency_thresholds(self, arch: MultiStageArch) -> list[float]:
-        """The most accurate thresholds whose average batch-1 latency, from the run's latency table (the
-        search's cost model: each stage timed in its chain), stays within ``latency_ms`` on the calibration
-        split."""
+        """The thresholds that spend the batch-1 latency budget ``latency_ms`` on the calibration split
+        (``calibrate_budget``), with stage times from the run's latency table (the search's cost model: each
+        stage timed in its chain)."""
         assert self.latency_ms is not None and self.latency is not None, "a latency budget needs the latency table"
         costs, _ = self.latency.stage_costs(arch, "latency")
         return calibrate_budget_thresholds(self.outputs("calib", arch), costs, self.latency_ms)
