@@ -200,7 +200,7 @@ def test_a_run_dir_holding_a_different_run_is_refused(converted):
 
 @pytest.mark.parametrize(("flags", "prefix", "needles"), [
     (["--budget", "nope"], "s2d convert: error: ", ["--budget", "nope"]),
-    (["--algo", "evolution"], "s2d convert: error: ", ["--algo"]),
+    (["--algo", "annealing"], "s2d convert: error: ", ["--algo"]),
     (["--tolerance", "-1"], "s2d convert: error: ", ["--tolerance", "-1", "[0, 100]"]),
     (["--tolerance", "nan"], "s2d convert: error: ", ["--tolerance", "nan"]),
     (["--max-stages", "7"], "s2d convert: error: ", ["--max-stages", "7"]),
