@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from s2d.data import DatasetInfo
-from s2d.measure.calibration import calibrate, calibrate_budget
+from s2d.measure.calibration import BUDGET_BAND, calibrate, calibrate_budget
 from s2d.measure.cost import average_macs, count_macs, exit_macs, stage_macs, static_cost
 from s2d.models import get_model
 from s2d.transform.arch import MultiStageArch, static_arch
@@ -220,8 +220,8 @@ def test_count_macs_restores_training_mode():
 
 @pytest.mark.parametrize("seed, budget", [(0, 3.0), (1, 5.0), (2, 1.5), (3, 9.5)])
 def test_calibrate_budget_matches_brute_force(seed, budget):
-    """Budget mode: the costliest setting within the budget whose accuracy is within one standard error of the
-    best one within it."""
+    """Budget mode: the most accurate setting costing 95-100 % of the budget, unless one within the budget is
+    more accurate by more than a standard error; the costliest within it when none costs that much."""
     g = torch.Generator().manual_seed(seed)
     s, n, grid = 3, 60, 8
     conf = torch.rand(s, n, generator=g)
@@ -232,9 +232,16 @@ def test_calibrate_budget_matches_brute_force(seed, budget):
     fitting = [r for r in results if r[0] <= budget + 1e-9]
     assert fitting
     top = max(r[1] for r in fitting)
-    near = [r for r in fitting if r[1] >= top - np.sqrt(top * (1 - top) / n) - 1e-9]
-    assert avg == pytest.approx(max(r[0] for r in near), abs=1e-9)
-    assert acc == pytest.approx(max(r[1] for r in near if r[0] >= avg - 1e-9), abs=1e-9)
+    band = [r for r in fitting if r[0] >= budget * (1 - BUDGET_BAND) - 1e-9]
+    if not band:
+        assert avg == pytest.approx(max(r[0] for r in fitting), abs=1e-9)
+        assert acc == pytest.approx(max(r[1] for r in fitting if r[0] >= avg - 1e-9), abs=1e-9)
+    elif top - max(r[1] for r in band) > np.sqrt(top * (1 - top) / n) + 1e-9:  # a clearly better cheap setting
+        assert acc == pytest.approx(top, abs=1e-9)
+        assert avg == pytest.approx(max(r[0] for r in fitting if r[1] >= top - 1e-9), abs=1e-9)
+    else:
+        assert acc == pytest.approx(max(r[1] for r in band), abs=1e-9)
+        assert avg == pytest.approx(max(r[0] for r in band if r[1] >= acc - 1e-9), abs=1e-9)
     ex = exit_stages(conf.double(), thresholds).numpy()
     assert avg == pytest.approx(np.cumsum(macs)[ex].mean(), abs=1e-9) and avg <= budget + 1e-9
     assert acc == pytest.approx(correct.numpy()[ex, np.arange(n)].mean(), abs=1e-9)
@@ -253,11 +260,11 @@ def test_calibrate_budget_spends_the_budget_when_accuracy_is_flat():
 def test_calibrate_budget_spends_the_budget_unless_a_cheaper_setting_is_clearly_better():
     """400 samples in order of confidence; the cheap stage is wrong on the 40 least confident, the last stage
     on the 10 least confident and on some middling ones that the cheap stage gets right. Sending 200 on (the
-    budget) instead of 160 costs 2 samples in one case (luck: within a standard error, 3 samples here) and is
-    done; it costs 20 in the other, and the cheaper setting is chosen."""
+    budget) instead of 150 costs 2 samples in one case (luck: within a standard error, 3 samples here) and is
+    done; sending 200 instead of 160 costs 20 in the other, and the cheaper setting is chosen."""
     n = 400
     conf = torch.linspace(0.01, 0.99, n)[None].repeat(2, 1)
-    for middling, continuing in ((range(197, 199), 200), (range(160, 180), 160)):
+    for middling, continuing in ((range(150, 152), 200), (range(160, 180), 160)):
         correct = torch.ones(2, n, dtype=torch.bool)
         correct[0, :40] = False
         correct[1, :10] = False
