@@ -117,6 +117,12 @@ def test_convert_end_to_end(converted):
     cert = report["dynamic"]["certificate"]
     assert cert["tolerance_points"] == 50 and cert["bound_points"] <= 50 and cert["calib_images"] == 1200
     assert report["calib_images"] == 1200 and not report["fallback"]
+    budget = report["budget_points"]  # static pruning's ratios, each with the speed its MACs buy
+    assert [round(1 / b["target_mac_ratio"]) for b in budget] == [2, 3, 4]
+    for b in budget:
+        assert sum(b["exit_rates"]) == pytest.approx(1.0)
+        assert b["latency_ratio"] > 0 and b["throughput_ratio"] > 0 and b["static_throughput_img_s_batch256"] > 0
+    assert "| 4x |" in (run / "report.md").read_text()
 
     md = (run / "report.md").read_text()
     assert md.startswith("# s2d conversion: resnet20 on fashion-mnist (budget tiny, search ppo)")

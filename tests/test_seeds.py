@@ -39,6 +39,28 @@ def test_summary_by_hand():
     assert "over 3 seeds" in md and "| 0.2 | 3 of 3 | 0.12 ± 0.13 |" in md and "1 of 3 |" in md
 
 
+def test_budget_points_over_seeds():
+    def report(ratios: tuple[float, float], drops: tuple[float, float]) -> dict:
+        r = _report(0.1, 0.5, [(0.5, 0.1, 0.5, True, 0.1)])
+        r["budget_points"] = [{"target_mac_ratio": t, "mac_ratio": m, "accuracy_delta_points": -d,
+                               "throughput_ratio": 1 / m} for t, m, d in zip((1 / 2, 1 / 4), ratios, drops,
+                                                                             strict=True)]
+        return r
+
+    # 4x budget: test MACs at 0.24 (4 % under: a hit), 0.26 (4 % over: a hit), 0.2 (20 % under: a miss)
+    s = summarize_seeds({0: report((0.5, 0.24), (0.0, 0.1)), 1: report((0.49, 0.26), (0.1, 0.2)),
+                         2: report((0.5, 0.2), (0.2, 0.3))})
+    half, quarter = s["budget_points"]
+    assert half["hit"] == 3 and quarter["hit"] == 2
+    assert quarter["off_budget"]["mean"] == pytest.approx((-0.04 + 0.04 - 0.2) / 3)
+    assert quarter["test_drop_points"]["mean"] == pytest.approx(0.2)
+    assert quarter["macs_fewer"]["mean"] == pytest.approx((1 / 0.24 + 1 / 0.26 + 5) / 3)
+    md = seeds_markdown(s, "resnet20", "fashion-mnist", "small")
+    assert "| 4x | 0.20 ± 0.10 |" in md and "| 2 of 3 |" in md and "-6.7% ±" in md
+    # reports written before budget points existed: no rows, no table
+    assert summarize_seeds({0: _report(0.1, 0.5, [])})["budget_points"] == []
+
+
 def test_seeds_refuse_a_single_run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -32,11 +32,12 @@ def float32_thresholds(thresholds: list[float]) -> list[float]:
     return out
 
 
-def _settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], grid: int):
+def _settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], grid: int,
+              last_grid: int | None = None):
     """Every candidate threshold setting with its accuracy and average MACs on these samples.
 
-    Candidate thresholds per stage are quantiles of its confidences plus 0 (everyone exits) and
-    "never exit".
+    Candidate thresholds per stage are ``grid`` quantiles of its confidences (``last_grid`` for the last
+    decision, which costs no enumeration) plus 0 (everyone exits) and "never exit".
     Earlier thresholds are enumerated; the last decision is solved for all candidates at
     once with sorted prefix sums (S <= 4 keeps this well under a second). Yields
     (accuracies, costs, thresholds) with one entry per candidate of the last decision.
@@ -45,9 +46,9 @@ def _settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list
     ok = np.asarray(correct, dtype=np.float64)
     s, n = conf.shape
     cum = np.cumsum(np.asarray(stage_macs, dtype=np.float64))  # cost of a sample exiting at stage i
-    qs = np.linspace(0, 1, grid + 1)[1:-1]
-    cands = [np.unique(np.concatenate([[0.0], np.quantile(conf[i], qs), [NEVER_EXIT]])) for i in range(s - 1)]
     j = s - 2  # the last decision
+    cands = [np.unique(np.concatenate([[0.0], np.quantile(conf[i], np.linspace(0, 1, g + 1)[1:-1]), [NEVER_EXIT]]))
+             for i, g in enumerate([grid] * j + [last_grid or grid])]
     for prefix in itertools.product(*cands[:j]):
         pending = np.ones(n, dtype=bool)
         base_ok = base_cost = 0.0
@@ -90,11 +91,11 @@ def calibrate(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list
     return fallback[2], fallback[1]
 
 
-def _all_settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], grid: int
-                  ) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
+def _all_settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], grid: int,
+                  last_grid: int | None = None) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
     """Every candidate setting at once: (accuracies, average MACs, thresholds)."""
     accs, costs, settings = [], [], []
-    for acc, cost, thresholds in _settings(confidences, correct, stage_macs, grid):
+    for acc, cost, thresholds in _settings(confidences, correct, stage_macs, grid, last_grid):
         accs.append(acc)
         costs.append(cost)
         settings += thresholds
@@ -102,6 +103,9 @@ def _all_settings(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: 
 
 
 BUDGET_BAND = 0.05  # budget mode spends the budget: its settings cost at least 95 % of it
+BUDGET_GRID = 200  # quantiles of the last exit decision in budget mode: with 40, a 2-stage cascade's average MACs
+# move in steps of 2.5 % of the last stage's cost, 7.5 % of a 3x budget, so a 5 % band often held no setting and
+# the costliest one below the budget landed 5.4 % under it on test (ResNet-20 demo, 3x)
 
 
 def _spend(acc: np.ndarray, cost: np.ndarray, limit: float, samples: int) -> int | None:
@@ -129,7 +133,7 @@ def _spend(acc: np.ndarray, cost: np.ndarray, limit: float, samples: int) -> int
 
 
 def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_macs: list[float], max_macs: float,
-                     grid: int = 40) -> tuple[list[float], float, float]:
+                     grid: int = 40, last_grid: int = BUDGET_GRID) -> tuple[list[float], float, float]:
     """Budget mode: the most accurate thresholds that spend about ``max_macs`` on average on these samples, at
     most that (:func:`_spend`).
 
@@ -138,7 +142,7 @@ def calibrate_budget(confidences: torch.Tensor, correct: torch.Tensor, stage_mac
     if len(stage_macs) == 1:
         ok = np.asarray(correct, dtype=np.float64)
         return [], float(ok[0].mean()), float(stage_macs[0])
-    acc, cost, settings = _all_settings(confidences, correct, stage_macs, grid)
+    acc, cost, settings = _all_settings(confidences, correct, stage_macs, grid, last_grid)
     i = _spend(acc, cost, max_macs * (1 + 1e-12), confidences.shape[1])
     if i is None:
         i = int(np.lexsort((-acc, cost))[0])

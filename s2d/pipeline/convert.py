@@ -541,7 +541,7 @@ class Pipeline:
         dyn, final = meter.row(name, chooser, chosen, test)
         rows.append(dyn)
         points = chooser.operating_points(chosen, test, static)
-        budget_points = chooser.budget_points(final, test, static)
+        budget_points = meter.budget_points(chooser, final, test)
         self.save_dynamic(final, chooser.calib.network_for(final))
         write_json_atomic(self.run.root / "best_arch.json", final.to_dict())
         report = {

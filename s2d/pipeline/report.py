@@ -21,7 +21,7 @@ from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thres
 from s2d.measure.cost import average_macs
 from s2d.measure.guarantee import Certificate, certify, threshold_sequence
 from s2d.measure.latency import LatencyTable
-from s2d.measure.network import dynamic_figures
+from s2d.measure.network import dynamic_figures, dynamic_speed
 from s2d.measure.timing import deployable
 from s2d.pipeline.format import report_markdown
 from s2d.pipeline.plots import plot_pareto
@@ -172,6 +172,18 @@ class RowMeter:
                                   self.reference, self.data, device=self.device, limit=self.limit,
                                   repeats=self.repeats, latency_images=self.latency_images)
         return {**_row(name, tuned, e, figures, self.static), "certificate": cert.to_dict() if cert else None}, tuned
+
+    def budget_points(self, chooser: ThresholdChooser, arch: MultiStageArch, test: StageOutputs
+                      ) -> list[dict[str, Any]]:
+        """``chooser``'s budget points of ``arch``, each with its paired speed: a MAC budget is a promise
+        about cost, so the report shows what the MACs spent there become in time."""
+        points = chooser.budget_points(arch, test, self.static)
+        net = chooser.calib.network_for(arch).materialise(arch)
+        for point in points:
+            net.set_thresholds(point["thresholds"])
+            point.update(dynamic_speed(net, self.reference, self.data, device=self.device, limit=self.limit,
+                                       latency_images=self.latency_images, repeats=self.repeats))
+        return points
 
 
 def write_report(run_root: Path, report: dict[str, Any], archive_records: list[dict[str, Any]]) -> None:

@@ -47,7 +47,33 @@ def summarize_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
             row[f"{key}macs_fewer"] = _stats([1 / p[f"{key}mac_ratio"] for p in points])
             row[f"{key}exceeded"] = sum(d > tol + 1e-9 for d in drops)
         out["operating_points"].append(row)
+    out["budget_points"] = _budget_rows([reports[s].get("budget_points", []) for s in seeds])
     return out
+
+
+BUDGET_MISS = 0.05  # a budget point "hits" its budget when the test's average MACs are within 5 % of it
+
+
+def _budget_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per MAC budget: the test drop, the MACs fewer, and how far the test's average MACs landed from the
+    budget (the calibration split spends it; unseen images spend a little more or less)."""
+    if not per_seed or any(len(points) != len(per_seed[0]) for points in per_seed):
+        return []
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        points = [points[i] for points in per_seed]
+        off = [p["mac_ratio"] / p["target_mac_ratio"] - 1 for p in points]
+        row: dict[str, Any] = {
+            "target_mac_ratio": first["target_mac_ratio"],
+            "test_drop_points": _stats([-p["accuracy_delta_points"] for p in points]),
+            "macs_fewer": _stats([1 / p["mac_ratio"] for p in points]),
+            "off_budget": _stats(off),
+            "hit": sum(abs(o) <= BUDGET_MISS + 1e-9 for o in off),
+        }
+        if all("throughput_ratio" in p for p in points):
+            row["throughput_ratio"] = _stats([p["throughput_ratio"] for p in points])
+        rows.append(row)
+    return rows
 
 
 def _pm(s: dict[str, float], fmt: str = "{:.2f}") -> str:
@@ -79,6 +105,17 @@ def seeds_markdown(summary: dict[str, Any], model: str, dataset: str, budget: st
                          f"{_pm(o['macs_fewer'])}x | {o['exceeded']} of {n} | "
                          f"{_pm(o['in_sample_test_drop_points'])} | {_pm(o['in_sample_macs_fewer'])}x | "
                          f"{o['in_sample_exceeded']} of {n} |")
+    if summary.get("budget_points"):
+        lines += ["", f"Budget points: the thresholds that spend each average-MAC budget on the calibration split, "
+                  f"applied to the test split; hit: the test's average MACs within {BUDGET_MISS:.0%} of the budget "
+                  "(off budget: their relative distance, negative when below):", "",
+                  "| budget | test drop | MACs fewer | off budget | hit | throughput b256 ratio |",
+                  "|---|---|---|---|---|---|"]
+        for b in summary["budget_points"]:
+            thr = _pm(b["throughput_ratio"]) if "throughput_ratio" in b else "-"
+            lines.append(f"| {1 / b['target_mac_ratio']:.0f}x | {_pm(b['test_drop_points'])} | "
+                         f"{_pm(b['macs_fewer'])}x | {_pm(b['off_budget'], '{:+.1%}')} | {b['hit']} of {n} | "
+                         f"{thr} |")
     return "\n".join(lines) + "\n"
 
 
