@@ -24,9 +24,9 @@ def net():
     return random_resnet20_supernet(head_std=1.0)
 
 
-def small_space(net) -> SearchSpace:
-    space = SearchSpace(net.graph, widths=(0.25, 0.5, 1.0), max_stages=3)
-    space.exits = ["layer2.1", OUTPUT_EXIT]  # 695 encodings of 212 networks
+def small_space(net, widths: tuple[float, ...] = (0.25, 0.5, 1.0)) -> SearchSpace:
+    space = SearchSpace(net.graph, widths=widths, max_stages=3)
+    space.exits = ["layer2.1", OUTPUT_EXIT]  # 3 widths: 695 encodings of 212 networks
     return space
 
 
@@ -55,8 +55,10 @@ def fingerprint(net, arch: MultiStageArch, x: torch.Tensor) -> tuple:
     return tuple(round(v, 4) for lg in net.forward_stages(x, arch) for v in lg.flatten().tolist())
 
 
-def test_one_key_per_network_and_one_network_per_key(net):
-    space = small_space(net)
+@pytest.mark.parametrize("widths", [pytest.param((0.5, 1.0), id="2-widths"),
+                                    pytest.param((0.25, 0.5, 1.0), id="3-widths", marks=pytest.mark.slow)])
+def test_one_key_per_network_and_one_network_per_key(net, widths):
+    space = small_space(net, widths)
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     free = encodings(space, free_reuse=True)
     keys_of_network: dict[tuple, set[str]] = defaultdict(set)
