@@ -161,8 +161,16 @@ def test_export_the_converted_network(converted, tmp_path):
     run = converted["dir"]
     out = tmp_path / "onnx"
     r, _ = s2d("export", "--weights", str(run / "checkpoints" / "dynamic.pt"), "--out", str(out), "--format", "onnx",
-               "--threads", "1")
+               "--threads", "1", "--speed", "--latency-images", "16")
     assert r.returncode == 0, r.stderr
+    speed = json.loads((out / "speed.json").read_text())  # where users deploy, paired with the static export
+    assert speed["threads"] == 1 and set(speed) == {"threads", "pytorch", "onnxruntime"}
+    for runtime in ("pytorch", "onnxruntime"):
+        f = speed[runtime]
+        assert f["latency_ms_batch1"] > 0 and f["static_throughput_img_s_batch256"] > 0
+        assert f"{runtime} | " in r.stdout
+    static_meta = json.loads((out / "static" / "dynamic.json").read_text())
+    assert len(static_meta["stages"]) == 1 and static_meta["arch"]["stages"][0]["width"] == 1.0
     best = json.loads((run / "best_arch.json").read_text())
     n = len(best["stages"])
     assert f"exported {n} stages (onnx)" in r.stdout

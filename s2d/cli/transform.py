@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from pathlib import Path
 
-from s2d.cli.args import add_data_args, add_model_args, add_runtime_args, check_device, float_in, load_data
+from s2d.cli.args import (
+    add_data_args,
+    add_model_args,
+    add_runtime_args,
+    check_device,
+    float_in,
+    load_data,
+    positive_int,
+)
 from s2d.errors import S2DError
 
 
@@ -83,7 +92,34 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"max |logit diff| {diff:.2e}, same exit stage for {same_exit * 100:.1f} %")
     if diff > 1e-3 or same_exit < 0.99:
         raise S2DError(f"exported stages disagree with DynamicNet (max diff {diff:.2e}); please report this")
+    if args.speed:
+        _export_speed(args, data, supernet, net)
     return 0
+
+
+def _export_speed(args: argparse.Namespace, data, supernet, net) -> None:
+    """Where users deploy: the exported stages with early exit against the static network exported the same
+    way, and the same pair in PyTorch, each timed paired on real test images (``OUT/speed.json``)."""
+    import torch
+
+    from s2d.measure.network import paired_figures
+    from s2d.runs import write_json_atomic
+    from s2d.transform.arch import static_arch
+    from s2d.transform.export import ExportedDynamicNet, export
+
+    static = supernet.materialise(static_arch())  # the static network's shape, batch norm folded
+    export(static, supernet.input_shape, Path(args.out) / "static", args.format)
+    runtime = "onnxruntime" if args.format == "onnx" else "torchscript"
+    pairs = {"pytorch": (static, net),
+             runtime: (ExportedDynamicNet(Path(args.out) / "static"), ExportedDynamicNet(args.out))}
+    figures = {name: paired_figures(ref, cand, data.test, data.info, latency_images=args.latency_images)
+               for name, (ref, cand) in pairs.items()}
+    write_json_atomic(Path(args.out) / "speed.json", {"threads": torch.get_num_threads(), **figures})
+    print("runtime | batch-1 latency ms (static) | ratio | batch-256 img/s (static) | ratio")
+    for name, f in figures.items():
+        print(f"{name} | {f['latency_ms_batch1']:.3f} ({f['static_latency_ms_batch1']:.3f}) | "
+              f"{f['latency_ratio']:.2f} | {f['throughput_img_s_batch256']:.0f} "
+              f"({f['static_throughput_img_s_batch256']:.0f}) | {f['throughput_ratio']:.2f}")
 
 
 def _inspection_args(p: argparse.ArgumentParser, weights_default: str) -> None:
@@ -123,4 +159,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tolerance", type=float_in(0, 100), default=0.5,
                    help="accuracy points below static allowed when calibrating missing thresholds")
+    p.add_argument("--speed", action="store_true",
+                   help="also time the exported network against the static network exported alike (OUT/static), "
+                        "paired on test images, in that runtime and in PyTorch (OUT/speed.json)")
+    p.add_argument("--latency-images", type=positive_int, default=200,
+                   help="with --speed: single test images of the batch-1 latency")
     p.set_defaults(func=cmd_export)

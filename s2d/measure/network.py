@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2d.data import Batches, Dataset
+from s2d.data import Batches, Dataset, DatasetInfo, Split
 from s2d.measure.accuracy import StageOutputs, accuracy
 from s2d.measure.cost import average_macs, static_cost
-from s2d.measure.timing import deployable, expected_latency, measure_speed, paired_speed
+from s2d.measure.timing import Forward, deployable, expected_latency, measure_speed, paired_speed
 from s2d.transform.dynamic import DynamicNet
 
 
@@ -47,15 +47,15 @@ def evaluate_static(model: nn.Module, data: Dataset, *, device: str = "cpu", lim
 
 
 @torch.no_grad()
-def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, device: str = "cpu",
-                  limit: int | None = None, latency_images: int = 200, repeats: int = 20) -> dict[str, float]:
-    """Batch-256 throughput and batch-1 latency of ``net`` with real early exits, each paired with
-    ``reference`` (the deployed static model) on the same test images."""
-    net = net.to(device).eval()
-    test = data.test.subset(limit)
-    x256 = next(iter(Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)))[0]
-    thr = paired_speed(reference, net, x256, repeats=max(5, repeats // 2))
-    lat = expected_latency(reference, net, x256[:latency_images].split(1))
+def paired_figures(reference: Forward, candidate: Forward, test: Split, info: DatasetInfo, *, device: str = "cpu",
+                   latency_images: int = 200, repeats: int = 10) -> dict[str, float]:
+    """Batch-256 throughput (``repeats`` paired calls, median ratio) and batch-1 latency (the mean over the first
+    ``latency_images`` test images, each its fastest of 3 paired calls) of ``candidate`` against ``reference``,
+    on the same real images: a dynamic network's time depends on where they exit. One protocol for the
+    report's rows, the peers and the exported files, so their ratios compare."""
+    x256 = next(iter(Batches(test.subset(max(latency_images, 256)), info, 256, device=device)))[0]
+    thr = paired_speed(reference, candidate, x256, repeats=repeats)
+    lat = expected_latency(reference, candidate, x256[:latency_images].split(1))
     return {
         "latency_ms_batch1": lat.candidate_ms,
         "static_latency_ms_batch1": lat.reference_ms,
@@ -64,6 +64,14 @@ def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, devic
         "static_throughput_img_s_batch256": thr.reference.img_per_s,
         "throughput_ratio": thr.speedup,
     }
+
+
+def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, device: str = "cpu",
+                  limit: int | None = None, latency_images: int = 200, repeats: int = 20) -> dict[str, float]:
+    """:func:`paired_figures` of ``net`` with real early exits against ``reference`` (the deployed static
+    model), with half of ``repeats`` at batch 256."""
+    return paired_figures(reference, net.to(device).eval(), data.test.subset(limit), data.info, device=device,
+                          latency_images=latency_images, repeats=max(5, repeats // 2))
 
 
 def dynamic_figures(net: DynamicNet, test: StageOutputs, costs: list[float], reference: nn.Module, data: Dataset, *,

@@ -34,12 +34,13 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from s2d import checkpoint
-from s2d.data import Batches, Dataset, DatasetInfo, Split, load_dataset
+from s2d.data import Dataset, DatasetInfo, Split, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import StageOutputs, logits, stage_outputs
 from s2d.measure.cost import stage_macs, static_cost
+from s2d.measure.network import paired_figures
 from s2d.measure.significance import paired_comparison
-from s2d.measure.timing import deployable, expected_latency, paired_speed
+from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.training.prune import kd_finetune, prune_to_mac_ratio, restore_pruned
@@ -177,20 +178,6 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def paired_figures(reference: nn.Module, candidate: Callable[[torch.Tensor], object], test: Split, data: Dataset, *,
-                   device: str = "cpu", latency_images: int = LATENCY_IMAGES, repeats: int = REPEATS
-                   ) -> dict[str, float]:
-    """Batch-256 throughput ratio and batch-1 latency ratio of ``candidate`` against ``reference`` on the
-    first test images, the protocol of the report's rows (so peers and report rows are comparable)."""
-    x = next(iter(Batches(test.subset(max(latency_images, 256)), data.info, 256, device=device)))[0]
-    thr = paired_speed(reference, candidate, x, repeats=repeats)
-    lat = expected_latency(reference, candidate, x[:latency_images].split(1))
-    return {"throughput_ratio": thr.speedup, "latency_ratio": lat.ratio,
-            "throughput_img_s_batch256": thr.candidate.img_per_s,
-            "static_throughput_img_s_batch256": thr.reference.img_per_s,
-            "latency_ms_batch1": lat.candidate_ms, "static_latency_ms_batch1": lat.reference_ms}
-
-
 def _load_conversion(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     report_path = root / "report.json"
     if not report_path.exists():
@@ -267,7 +254,7 @@ def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, te
     finally:
         writer.close()
     macs = static_cost(student, info).total_macs
-    speed = paired_figures(reference, deployable(copy.deepcopy(student)), test, data, device=device,
+    speed = paired_figures(reference, deployable(copy.deepcopy(student)), test, info, device=device,
                            latency_images=latency_images, repeats=repeats)
     prune_s = float(meta.get("prune_seconds", 0.0))
     return {"name": f"Torch-Pruning 1/{1 / target:.3g}", "kind": "torch-pruning", "key": key,
@@ -315,7 +302,7 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
         net.set_thresholds(point["thresholds"])
         points.append({"tolerance_points": point["tolerance_points"],
                        "test_accuracy_here": outs.accuracy(point["thresholds"]),
-                       **paired_figures(reference, net, test, data, device=device, latency_images=latency_images,
+                       **paired_figures(reference, net, test, data.info, device=device, latency_images=latency_images,
                                         repeats=repeats)})
     return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test),
             "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points,

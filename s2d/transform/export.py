@@ -87,7 +87,8 @@ def export(net: DynamicNet, input_shape: tuple[int, int, int], out_dir: str | Pa
 class ExportedDynamicNet:
     """Dynamic inference from exported stage files (TorchScript or ONNX)."""
 
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, threads: int | None = None) -> None:
+        """``threads``: onnxruntime's intra-op threads (default: torch's, so both runtimes get the same cores)."""
         out_dir = Path(out_dir)
         try:
             self.meta = json.loads((out_dir / META).read_text())
@@ -107,6 +108,7 @@ class ExportedDynamicNet:
 
                 opts = ort.SessionOptions()
                 opts.log_severity_level = 3
+                opts.intra_op_num_threads = threads or torch.get_num_threads()
                 self.stages.append(ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
 
     def _run(self, s: int, x: torch.Tensor, cache: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
