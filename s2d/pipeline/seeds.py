@@ -77,7 +77,7 @@ def _budget_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _pm(s: dict[str, float], fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])}"
+    return f"{fmt.format(s['mean'])} ± {fmt.replace('+', '').format(s['std'])}"
 
 
 def seeds_markdown(summary: dict[str, Any], model: str, dataset: str, budget: str) -> str:
