@@ -177,7 +177,6 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-@torch.no_grad()
 def _load_conversion(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     report_path = root / "report.json"
     if not report_path.exists():
