@@ -168,7 +168,8 @@ def _fake_conversion(root: Path, data: Dataset, *, dynamic: bool) -> dict:
               "static": {"test_accuracy": static_acc, "test_images": TEST_IMAGES, "macs": macs},
               "static_val_accuracy": static_acc, "dynamic": dyn, "rows": [depth, dyn], "operating_points": points,
               "budget_points": [{"target_mac_ratio": 0.25, "thresholds": [0.5], "test_accuracy": dyn_acc - 0.002,
-                                 "average_macs": 0.24 * macs, "mac_ratio": 0.24, "exit_rates": [0.8, 0.2]}]}
+                                 "average_macs": 0.24 * macs, "mac_ratio": 0.24, "exit_rates": [0.8, 0.2],
+                                 "throughput_ratio": 2.6, "latency_ratio": 0.45}]}
     write_json_atomic(root / "report.json", report)
     write_json_atomic(root / "state.json", {p: {"seconds": 30.0} for p in ("supernet", "search", "finetune",
                                                                            "report")})
@@ -209,6 +210,7 @@ def test_rows_of_every_network(peer_run):
     depth, searched, p05, p10, budget4, oracle = res["rows"][3:]
     assert budget4["name"] == "s2d @ budget 4x" and budget4["mac_ratio"] == 0.24
     assert budget4["test_accuracy"] == report["budget_points"][0]["test_accuracy"]
+    assert (budget4["throughput_ratio"], budget4["latency_ratio"], budget4["speed_source"]) == (2.6, 0.45, "report")
     v4 = next(v for v in res["verdicts"] if v["peer"] == "Torch-Pruning 1/4")
     if budget4["mac_ratio"] <= tp4["mac_ratio"]:  # the budget point is the only s2d point that cheap
         assert v4["s2d_point"] == "s2d @ budget 4x"

@@ -348,8 +348,9 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
         rows.append({"name": f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x", "kind": "s2d",
                      "test_accuracy": point["test_accuracy"], "average_macs": point["average_macs"],
                      "mac_ratio": point["mac_ratio"], "exit_rates": point.get("exit_rates"),
-                     **dict.fromkeys(speed_keys), "speed_source": None, "cost_seconds": conversion_s,
-                     "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
+                     **{k: point.get(k) for k in speed_keys},
+                     "speed_source": "report" if point.get("throughput_ratio") is not None else None,
+                     "cost_seconds": conversion_s, "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
     if measured.get("available"):
         o = measured["oracle"]
         rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle", **o,
