@@ -308,6 +308,12 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
             "test_wrong": wrong}
 
 
+def _report_speed(row: dict[str, Any]) -> dict[str, Any]:
+    """A report row's paired speed ratios and where they came from (None when the report has none)."""
+    return {"throughput_ratio": row.get("throughput_ratio"), "latency_ratio": row.get("latency_ratio"),
+            "speed_source": "report" if row.get("throughput_ratio") is not None else None}
+
+
 def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: float,
                  conversion_s: float, static_wrong: list[int] | None = None) -> list[dict[str, Any]]:
     """The report's depth-only, searched + fine-tuned and operating-point rows, in the peers' terms; s2d's rows
@@ -319,8 +325,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
     if depth is not None:
         rows.append({"name": "SDN-style depth-only", "kind": "depth_only", "test_accuracy": depth["test_accuracy"],
                      "average_macs": depth["average_macs"], "mac_ratio": depth["mac_ratio"],
-                     "exit_rates": depth.get("exit_rates"), **{k: depth.get(k) for k in speed_keys},
-                     "speed_source": "report" if depth.get("throughput_ratio") is not None else None,
+                     "exit_rates": depth.get("exit_rates"), **_report_speed(depth),
                      "cost_seconds": None})
     dyn = report.get("dynamic")
     tol = report.get("tolerance_points")
@@ -328,8 +333,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
         rows.append({"name": f"s2d searched + fine-tuned (tol {tol})", "kind": "s2d",
                      "test_accuracy": dyn["test_accuracy"], "average_macs": dyn["average_macs"],
                      "mac_ratio": dyn["mac_ratio"], "exit_rates": dyn.get("exit_rates"),
-                     **{k: dyn.get(k) for k in speed_keys},
-                     "speed_source": "report" if dyn.get("throughput_ratio") is not None else None,
+                     **_report_speed(dyn),
                      "cost_seconds": conversion_s, "test_wrong": wrong.get("dynamic")})
     speeds = {p["tolerance_points"]: p for p in measured.get("operating_points", [])} if measured.get("available") \
         else {}
@@ -348,8 +352,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
         rows.append({"name": f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x", "kind": "s2d",
                      "test_accuracy": point["test_accuracy"], "average_macs": point["average_macs"],
                      "mac_ratio": point["mac_ratio"], "exit_rates": point.get("exit_rates"),
-                     **{k: point.get(k) for k in speed_keys},
-                     "speed_source": "report" if point.get("throughput_ratio") is not None else None,
+                     **_report_speed(point),
                      "cost_seconds": conversion_s, "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
     if measured.get("available"):
         o = measured["oracle"]
