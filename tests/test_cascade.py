@@ -1,4 +1,5 @@
-"""Cascade archs: a last stage that recomputes the static network from the image on its own, frozen weights."""
+"""Cascade archs: a last stage that recomputes the static network from the image on its own copy of the weights
+(frozen in supernet training, distilled on its own in the final fine-tune)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import random_resnet20_supernet
 
-from s2d.data import DatasetInfo
+from s2d.data import Batches, DatasetInfo
 from s2d.errors import ArchError
 from s2d.measure.cost import stage_macs, static_cost
 from s2d.models import get_model
@@ -103,6 +104,36 @@ def test_training_leaves_the_recomputed_static_network_untouched(fmnist, tmp_pat
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         torch.testing.assert_close(sn.forward_stages(x, a)[-1], model(x), atol=1e-5, rtol=0)
+
+
+def test_the_final_fine_tune_distils_the_cascades_static_stage(tmp_path, tiny_run, quick_data, monkeypatch):
+    """The chosen cascade's last stage is trained too (from the static model, on its own copy): what the
+    fine-tuned network runs there is the distilled copy, checkpointed apart so that a killed run resumes it."""
+    import s2d.pipeline.convert as convert
+    from s2d import checkpoint
+
+    arch = cascade((0.25, "output"))
+    monkeypatch.setattr(convert, "choose_arch", lambda records, must_meet=True: {"arch": arch.to_dict()})
+    p = convert.Pipeline(convert.ConvertConfig(budget="tiny", weights=str(tiny_run["model_pt"]), tolerance=50),
+                         tmp_path / "run", progress=False, data=quick_data)
+    p.supernet_phase()
+    p.search_phase()
+    p.finetune_phase()
+    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "static_stage.pt")
+    assert saved["step"] == convert.BUDGETS["tiny"].static_stage_steps == 2
+    sn = p.load_finetuned()
+    stage = sn.reference.module
+    assert all(torch.equal(v, saved["state_dict"][k]) for k, v in stage.state_dict().items())
+    ordered = p.ordered.state_dict()
+    assert any(not torch.equal(v, ordered[k]) for k, v in stage.state_dict().items() if k.endswith("weight"))
+    assert not any(prm.requires_grad for prm in stage.parameters()) and not stage.training  # frozen again
+    x = next(iter(Batches(quick_data.test, quick_data.info, 8)))[0]
+    with torch.no_grad():
+        last = sn.eval().forward_stages(x, arch)[-1]
+        torch.testing.assert_close(last, stage(x), atol=1e-5, rtol=0)  # the cascade runs the distilled copy
+        assert (last - p.static.eval()(x)).abs().max() > 1e-3  # ... not the static model any more
+        net = sn.materialise(arch.with_thresholds([1.01]))  # nobody exits early: every image runs the last stage
+        torch.testing.assert_close(net(x)[0], last, atol=1e-4, rtol=1e-4)
 
 
 def test_last_stage_costs_the_static_model(sn):

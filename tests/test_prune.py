@@ -12,8 +12,8 @@ from s2d.data import Batches, Dataset, DatasetInfo, Split
 from s2d.errors import CheckpointError, S2DError
 from s2d.measure.cost import count_macs
 from s2d.models import get_model
-from s2d.training.distill import distillation_loss
-from s2d.training.prune import find_classifier, kd_finetune, prune_to_mac_ratio, restore_pruned
+from s2d.training.distill import distillation_loss, kd_finetune
+from s2d.training.prune import find_classifier, prune_to_mac_ratio, restore_pruned
 
 SHAPE = (1, 28, 28)
 TARGETS = (1 / 2, 1 / 3, 1 / 4)
@@ -184,6 +184,23 @@ def test_kd_finetune_lowers_the_loss_within_budget(tmp_path):
     with pytest.raises(CheckpointError, match="other settings"):
         kd_finetune(student, teacher, data, seconds=4, batch_size=32, progress=False,
                     checkpoint_path=tmp_path / "kd.pt")
+
+
+def test_kd_finetune_for_a_step_count_runs_exactly_that_many(tmp_path):
+    """A conversion's fine-tunes are step counts, not wall clocks: the same network on a loaded machine."""
+    data = _synthetic()
+    teacher = _teacher(data)
+    student = prune_to_mac_ratio(teacher, SHAPE, 1 / 2).module
+    writer = Recorder()
+    out = kd_finetune(student, teacher, data, steps=12, batch_size=32, progress=False, writer=writer,
+                      checkpoint_path=tmp_path / "kd.pt")
+    assert out["steps"] == out["planned_steps"] == 12 and writer.steps[-1] == 10
+    assert torch.load(tmp_path / "kd.pt", weights_only=True)["config"]["steps"] == 12
+    with pytest.raises(CheckpointError, match="steps 12 -> 13"):  # another schedule: refused, not mixed
+        kd_finetune(student, teacher, data, steps=13, batch_size=32, progress=False, checkpoint_path=tmp_path / "kd.pt")
+    for budget in ({}, {"steps": 5, "seconds": 1.0}, {"steps": 0}):
+        with pytest.raises(S2DError, match="steps"):
+            kd_finetune(student, teacher, data, batch_size=32, progress=False, **budget)
 
 
 def test_kd_finetune_resumes_after_a_kill(tmp_path):

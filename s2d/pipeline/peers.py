@@ -43,7 +43,8 @@ from s2d.measure.significance import paired_comparison
 from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
 from s2d.runs import write_json_atomic, write_text_atomic
-from s2d.training.prune import kd_finetune, prune_to_mac_ratio, restore_pruned
+from s2d.training.distill import kd_finetune
+from s2d.training.prune import prune_to_mac_ratio, restore_pruned
 
 DEFAULT_RATIOS = (1 / 2, 1 / 3, 1 / 4)
 NOT_CONVERSION = ("peers", "bench_rank")  # run-directory folders written after the conversion, by benches

@@ -10,10 +10,11 @@ Example::
 is a run of layers at one resolution). Stage 1 has nothing to reuse; its flag is ignored.
 
 ``"recompute": true`` (last stage only, full width) makes the last stage the static
-network itself, run from the image on its own untouched weights: a cascade. It costs
+network itself, run from the image on its own copy of the weights: a cascade. It costs
 the whole static network on top of the earlier stages, but an image that reaches it gets
-exactly the static prediction, so narrow early stages are never paid for with a weaker
-final stage (S2DNAS's reusing last stage lacks the blocks where old channels read new ones).
+the static prediction (or better: the final fine-tune distils that copy from the static
+model), so narrow early stages are never paid for with a weaker final stage (S2DNAS's
+reusing last stage lacks the blocks where old channels read new ones).
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ class MultiStageArch:
 
     @property
     def is_cascade(self) -> bool:
-        """The last stage is the static network recomputed from the image (its weights are never trained)."""
+        """The last stage is the static network recomputed from the image, on a copy of its weights that
+        supernet training never touches (only the final fine-tune distils it, on its own)."""
         return self.stages[-1].recompute
 
     @property
     def trained_stages(self) -> int:
-        """Stages whose weights a fine-tune trains: all but a recomputed static last stage."""
+        """Stages trained on the shared weights: all but a recomputed static last stage (a copy of its own)."""
         return self.num_stages - int(self.is_cascade)
 
     @property

@@ -5,7 +5,8 @@ generated (``stages.build_stages``) over the shared weights, so training one arc
 trains the weights every other arch uses too.
 
 A recomputing (cascade) last stage runs ``reference``, a frozen copy of the static
-network, so training the shared weights never changes it.
+network, so training the shared weights never changes it (the final fine-tune of a
+cascade distils it on its own: ``s2d.pipeline.convert.Pipeline.distil_static_stage``).
 
 Batch norm: channels are sliced from the shared layers, so an arch uses the static
 model's running statistics by default. Off-diagonal blocks that an arch drops (reuse
@@ -37,7 +38,7 @@ class SuperNet(nn.Module):
         super().__init__()
         self.graph: ModelGraph = analyze(model, input_shape)
         self.static = self.graph.gm
-        # the static network as it came, for recomputing (cascade) last stages: never trained, never re-normed
+        # the static network as it came, for recomputing (cascade) last stages: frozen, never re-normed here
         self.reference = FrozenModule(copy.deepcopy(self.graph.gm))
         self.num_classes = num_classes
         self.widths = tuple(widths)
