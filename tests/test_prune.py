@@ -203,6 +203,47 @@ def test_kd_finetune_for_a_step_count_runs_exactly_that_many(tmp_path):
             kd_finetune(student, teacher, data, batch_size=32, progress=False, **budget)
 
 
+class FakeClock:
+    """``time`` for kd_finetune, advanced by the teacher: each call costs ``step`` seconds, the calls in
+    ``slow`` cost ``slow_step`` (a machine busy for a moment while the schedule is being sized)."""
+
+    def __init__(self, step: float, slow_step: float, slow: range) -> None:
+        self.now, self.calls, self.step, self.slow_step, self.slow = 0.0, 0, step, slow_step, slow
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.calls += 1
+        self.now += self.slow_step if self.calls in self.slow else self.step
+
+
+def test_a_slow_start_does_not_shorten_the_schedule(monkeypatch):
+    """The schedule is sized on a share of the budget, not on a few steps: six slow steps alone would
+    plan a cosine that ends after a tenth of the budget, and a peer would get less time than s2d."""
+    import s2d.training.distill as distill
+
+    clock = FakeClock(step=0.1, slow_step=1.0, slow=range(3, 9))
+    monkeypatch.setattr(distill, "time", clock)
+    monkeypatch.setattr(distill, "PROBE_FRACTION", 0.2)
+    data = _synthetic()
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(SHAPE[0] * SHAPE[1] * SHAPE[2], 10))
+
+    class Teacher(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            clock.tick()
+            return linear(x).detach()
+
+    student = nn.Sequential(nn.Flatten(), nn.Linear(SHAPE[0] * SHAPE[1] * SHAPE[2], 10))
+    out = kd_finetune(student, Teacher(), data, seconds=100, batch_size=32, progress=False)
+    # six slow steps alone: 1 s a step, a plan of about 99 steps, ended at 15 s of the 100
+    assert out["steps"] == out["planned_steps"] and out["seconds"] > 65, out
+    monkeypatch.setattr(distill, "PROBE_FRACTION", 0.0)  # the old probe, for contrast
+    clock.now, clock.calls = 0.0, 0
+    short = kd_finetune(student, Teacher(), data, seconds=100, batch_size=32, progress=False)
+    assert short["seconds"] < 20, short
+
+
 def test_kd_finetune_resumes_after_a_kill(tmp_path):
     data = _synthetic()
     teacher = _teacher(data)
