@@ -106,20 +106,32 @@ def test_training_leaves_the_recomputed_static_network_untouched(fmnist, tmp_pat
         torch.testing.assert_close(sn.forward_stages(x, a)[-1], model(x), atol=1e-5, rtol=0)
 
 
-def test_the_final_fine_tune_distils_the_cascades_static_stage(tmp_path, tiny_run, quick_data, monkeypatch):
+@pytest.fixture(scope="module")
+def finetuned_cascade(tmp_path_factory, tiny_run, quick_data):
+    """Tiny conversion phases up to the fine-tune, with the search's choice forced to a cascade."""
+    import s2d.pipeline.convert as convert
+
+    arch = cascade((0.25, "output"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert, "choose_arch", lambda records, must_meet=True: {"arch": arch.to_dict()})
+        root = tmp_path_factory.mktemp("cascade") / "run"
+        p = convert.Pipeline(convert.ConvertConfig(budget="tiny", weights=str(tiny_run["model_pt"]), tolerance=15),
+                             root, progress=False, data=quick_data)
+        p.supernet_phase()
+        p.search_phase()
+        p.finetune_phase()
+    return {"root": root, "arch": arch, "weights": str(tiny_run["model_pt"])}
+
+
+def test_the_final_fine_tune_distils_the_cascades_static_stage(finetuned_cascade, quick_data):
     """The chosen cascade's last stage is trained too (from the static model, on its own copy): what the
     fine-tuned network runs there is the distilled copy, checkpointed apart so that a killed run resumes it."""
     import s2d.pipeline.convert as convert
     from s2d import checkpoint
 
-    arch = cascade((0.25, "output"))
-    monkeypatch.setattr(convert, "choose_arch", lambda records, must_meet=True: {"arch": arch.to_dict()})
-    p = convert.Pipeline(convert.ConvertConfig(budget="tiny", weights=str(tiny_run["model_pt"]), tolerance=50),
-                         tmp_path / "run", progress=False, data=quick_data)
-    p.supernet_phase()
-    p.search_phase()
-    p.finetune_phase()
-    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "static_stage.pt")
+    root, arch = finetuned_cascade["root"], finetuned_cascade["arch"]
+    p = convert.Pipeline(convert.ConvertConfig.from_run(root), root, progress=False, data=quick_data)
+    saved = checkpoint.load(root / "checkpoints" / "static_stage.pt")
     assert saved["step"] == convert.BUDGETS["tiny"].static_stage_steps == 2
     sn = p.load_finetuned()
     stage = sn.reference.module
@@ -134,6 +146,41 @@ def test_the_final_fine_tune_distils_the_cascades_static_stage(tmp_path, tiny_ru
         assert (last - p.static.eval()(x)).abs().max() > 1e-3  # ... not the static model any more
         net = sn.materialise(arch.with_thresholds([1.01]))  # nobody exits early: every image runs the last stage
         torch.testing.assert_close(net(x)[0], last, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tolerance_the_distilled_copy_cannot_keep_ships_the_untouched_static_stage(finetuned_cascade, quick_data,
+                                                                                     tmp_path):
+    """Where the distilled copy disagrees with the static model too often to certify the tolerance, the cascade's
+    twin ending in the untouched static network is certified instead (each at half the risk) and ships; the
+    budget points stay those of the distilled cascade, and the fine-tuned weights are left as they were."""
+    import shutil
+
+    import s2d.pipeline.convert as convert
+    from s2d import checkpoint
+    from s2d.pipeline.evaluate import dynamic_from_files
+
+    root = tmp_path / "run"
+    shutil.copytree(finetuned_cascade["root"], root)
+    path = root / "checkpoints" / "finetune.pt"
+    state = checkpoint.load(path)
+    bias = [k for k in state["state_dict"] if k.startswith("reference.module.") and k.endswith("bias")][-1]
+    state["state_dict"][bias][0] += 1e4  # a copy that answers class 0 for every image: far outside the tolerance
+    checkpoint.save_atomic(state, path)
+    p = convert.Pipeline(convert.ConvertConfig.from_run(root), root, progress=False, data=quick_data)
+    report = p.report_phase()
+    assert report["fallback"] is None and report["static_stage"] == "untouched"
+    cert = report["dynamic"]["certificate"]
+    assert cert["confidence"] == pytest.approx(1 - (1 - report["confidence"]) / 2)
+    assert report["dynamic"]["mac_ratio"] < 1
+    assert all(o["static_stage"] == "untouched" for o in report["operating_points"] if not o["static_fallback"])
+    assert "untouched static network" in (root / "report.md").read_text()
+    shipped, arch = dynamic_from_files(quick_data, str(root / "checkpoints" / "dynamic.pt"), model_name="resnet20",
+                                       arch=None, tolerance=0.0)
+    x = next(iter(Batches(quick_data.test, quick_data.info, 16)))[0]
+    with torch.no_grad():
+        last = shipped.materialise(arch).forward_all(x)[-1]
+        torch.testing.assert_close(last, p.static.eval()(x), atol=1e-4, rtol=1e-4)  # the static network itself
+        assert (p.supernet.reference.module(x).argmax(1) == 0).all()  # the distilled copy is back in place
 
 
 def test_last_stage_costs_the_static_model(sn):

@@ -141,3 +141,17 @@ def test_threshold_sequence_steps_down_even_when_a_cheap_setting_is_most_accurat
     cost = [average_macs(costs, val.exit_rates(t)) for t in seq]
     assert len(seq) > 15 and cost[0] == pytest.approx(4.0)
     assert all(0 <= a - b <= 2 * 3.0 / 20 + 1e-9 for a, b in itertools.pairwise(cost))  # one step at a time
+
+
+def test_twin_networks_ship_per_tolerance_the_cheaper_certified_point():
+    """Per tolerance, the network certified with fewer average MACs on the calibration split; equals (e.g. both
+    fall back to the static network) go to the first, the distilled cascade."""
+    from s2d.pipeline.report import cheapest_points
+
+    def pt(tol: float, ratio: float) -> dict:
+        return {"tolerance_points": tol, "calib_mac_ratio": ratio, "static_fallback": ratio == 1.0}
+
+    merged = cheapest_points({"distilled": [pt(0.1, 1.0), pt(0.2, 1.0), pt(0.5, 0.2)],
+                              "untouched": [pt(0.1, 1.0), pt(0.2, 0.4), pt(0.5, 0.25)]})
+    assert [m["static_stage"] for m in merged] == ["distilled", "untouched", "distilled"]
+    assert [m["calib_mac_ratio"] for m in merged] == [1.0, 0.4, 0.2]

@@ -9,6 +9,7 @@ the final report.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -30,7 +31,7 @@ from s2d.measure.network import evaluate_static
 from s2d.measure.temperature import fit_stage_temperatures
 from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
-from s2d.pipeline.report import RowMeter, ThresholdChooser, write_report
+from s2d.pipeline.report import RowMeter, ThresholdChooser, cheapest_points, write_report
 from s2d.runs import Run, open_run, write_json_atomic
 from s2d.search.archive import Archive
 from s2d.search.evaluator import ArchEvaluator, Objective
@@ -100,6 +101,7 @@ def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True) -> dic
     return max(feasible or records, key=lambda r: r["reward"])
 
 
+STATIC_STAGES = ("distilled", "untouched")  # a distilled cascade's last stage, then its certification twin's
 FINETUNE_LR = 0.02  # backbone lr of the chosen arch's fine-tune (chosen on validation for the pruning peer)
 
 
@@ -367,14 +369,14 @@ class Pipeline:
                              full_width=self.full_width_supernet() if full_width else None,
                              latency=self.latency_table() if self.cost != "macs" else None)
 
-    def threshold_chooser(self, *, full_width: bool) -> ThresholdChooser:
+    def threshold_chooser(self, *, full_width: bool, confidence: float | None = None) -> ThresholdChooser:
         """Thresholds of the report's rows: a sequence from the search's validation images, certified on
         the calibration split (or the budget's setting there)."""
         calib = self.evaluator(None, full_width=full_width, calibration=True)
         static_correct = logits(self.static, self.calib, self.data.info, device=self.cfg.device).argmax(1) \
             == self.calib.labels
         return ThresholdChooser(self.evaluator(self.budget.report_val_images, full_width=full_width), calib,
-                                static_correct, confidence=self.cfg.confidence,
+                                static_correct, confidence=confidence or self.cfg.confidence,
                                 tolerance_points=None if self.budget_mode else self.cfg.tolerance,
                                 latency_ms=self.cfg.target_latency_ms,
                                 latency=self.latency_table() if self.cfg.target_latency_ms else None)
@@ -516,6 +518,10 @@ class Pipeline:
             return arch
         return MultiStageArch(arch.stages, arch.exit_rule, arch.thresholds if self.cfg.search_thresholds else ())
 
+    def _static_stage(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Run a cascade's last stage on its distilled copy (as fine-tuned) or on the untouched static weights."""
+        return self.supernet.reference_weights(self.ordered) if key == "untouched" else contextlib.nullcontext()
+
     def load_finetuned(self) -> SuperNet:
         """The supernet with the chosen arch's fine-tuned weights (``checkpoints/finetune.pt``)."""
         path = self.run.checkpoints / "finetune.pt"
@@ -555,13 +561,32 @@ class Pipeline:
         chooser = self.threshold_chooser(full_width=False)
         chosen = self._with_temperatures(chooser, chosen)
         fallback = self.state.get("search", {}).get("fallback")
+        # A cascade whose static stage was distilled has a twin that ends in the untouched static network: it never
+        # disagrees with the static model where images reach the last stage, so a tight tolerance can be certified
+        # on it when the distilled copy's own disagreements (a few dozen calibration images each way) already
+        # bound the drop above the tolerance. Each twin is certified at half the risk and the cheaper one ships.
+        twin = (not self.budget_mode and not fallback and chosen.is_cascade
+                and (self.run.checkpoints / "static_stage.pt").exists())
+        choosers = {"distilled": chooser}
+        if twin:
+            share = 1 - (1 - self.cfg.confidence) / 2
+            choosers = {key: self.threshold_chooser(full_width=False, confidence=share) for key in STATIC_STAGES}
+        static_stage = "distilled"
         if not self.budget_mode and not fallback:
-            tuned, cert = chooser.choose(chosen)
-            if cert is None:
+            ratios: dict[str, float | None] = {}
+            for key, ch in choosers.items():
+                with self._static_stage(key):
+                    tuned, cert = ch.choose(chosen)
+                    ratios[key] = None if cert is None else ch.calib_mac_ratio(tuned)
+            saving = {k: r for k, r in ratios.items() if r is not None and r < 1}
+            if saving:
+                static_stage = min(saving, key=saving.__getitem__)  # the first of equals: the distilled one
+                chooser = choosers[static_stage]
+            elif all(r is None for r in ratios.values()):
                 fallback = (f"the fine-tuned network cannot be shown to keep the {self.cfg.tolerance}-point "
                             f"tolerance at {self.cfg.confidence:.0%} confidence on the calibration split (try "
                             "--budget full or a larger --tolerance)")
-            elif chooser.calib_mac_ratio(tuned) >= 1:  # e.g. a cascade whose certified setting exits nobody
+            else:  # e.g. a cascade whose certified setting exits nobody
                 fallback = (f"the fine-tuned network keeps the {self.cfg.tolerance}-point tolerance only with "
                             "thresholds that save no MACs over the static network (try --budget full or a larger "
                             "--tolerance)")
@@ -573,12 +598,18 @@ class Pipeline:
             fallback += f"; shipped: {name.removeprefix('shipped: ').removesuffix(' (fallback)')}"
             chooser = self.threshold_chooser(full_width=True)  # the static weights (and linear-probe heads)
             chosen = self._with_temperatures(chooser, chosen)
-        test = meter.test_outputs(chooser.calib, chosen)
-        dyn, final = meter.row(name, chooser, chosen, test)
-        rows.append(dyn)
-        points = chooser.operating_points(chosen, test, static)
-        budget_points = meter.budget_points(chooser, final, test)
-        self.save_dynamic(final, chooser.calib.network_for(final))
+            twin, choosers, static_stage = False, {"distilled": chooser}, "distilled"
+        tests, twin_points = {}, {}
+        for key, ch in choosers.items():
+            with self._static_stage(key):
+                tests[key] = meter.test_outputs(ch.calib, chosen)
+                twin_points[key] = ch.operating_points(chosen, tests[key], static)
+                if key == static_stage:  # the shipped network: its row, budget points and checkpoint
+                    dyn, final = meter.row(name, ch, chosen, tests[key])
+                    budget_points = meter.budget_points(ch, final, tests[key])
+                    self.save_dynamic(final, ch.calib.network_for(final))
+        rows.append({**dyn, "static_stage": static_stage} if twin else dyn)
+        points = cheapest_points(twin_points) if twin else twin_points["distilled"]
         write_json_atomic(self.run.root / "best_arch.json", final.to_dict())
         report = {
             "model": self.cfg.model, "dataset": self.cfg.dataset, "budget": self.cfg.budget, "algo": self.cfg.algo,
@@ -589,7 +620,7 @@ class Pipeline:
             "confidence": self.cfg.confidence, "calib_images": len(self.calib), "dynamic": dyn, "rows": rows,
             "operating_points": points, "budget_points": budget_points,
             "search": self.state.get("search", {}).get("summaries", {}), "threads": torch.get_num_threads(),
-            "fallback": fallback,
+            "fallback": fallback, "static_stage": static_stage if twin else None,
         }
         write_report(self.run.root, report, self.archive.records())
         self._done("report", report="report.md")

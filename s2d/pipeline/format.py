@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+STATIC_STAGE_WORDS = {"distilled": "its distilled copy of the static network",
+                      "untouched": "the untouched static network"}
+
 
 def format_eval(r: dict[str, Any]) -> str:
     lines = [
@@ -83,6 +86,11 @@ def report_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Shipped network: drop bound {cert['bound_points']:.2f} points on the calibration split "
                   f"(observed there {cert['calib_drop_points']:+.2f}; {cert['tested']} of {cert['candidates']} "
                   f"candidate settings tested); test drop {-r['dynamic']['accuracy_delta_points']:+.2f} points."]
+    if r.get("static_stage") and cert:
+        lines += ["", f"The cascade's last stage ships {STATIC_STAGE_WORDS[r['static_stage']]}: the cascade was "
+                  "certified twice, ending in its distilled copy of the static network and in the untouched static "
+                  f"network, each at {cert['confidence']:.1%} confidence (together {r['confidence']:.0%}), and the "
+                  "one with fewer average MACs on the calibration split ships (operating points: per tolerance)."]
     if r.get("operating_points"):
         lines += ["", "Operating points of the chosen network: certified thresholds for each tolerance, applied to "
                   "the test split, beside in-sample thresholds (calibrated on the same calibration images without "
@@ -93,6 +101,8 @@ def report_markdown(r: dict[str, Any]) -> str:
         for o in r["operating_points"]:
             rates = "static network" if o.get("static_fallback") else " / ".join(f"{x * 100:.0f}"
                                                                                 for x in o["exit_rates"])
+            if o.get("static_stage") == "untouched" and not o.get("static_fallback"):
+                rates += " (untouched last stage)"
             bound = f"{o['certificate']['bound_points']:.2f}" if o.get("certificate") else "none passes"
             lines.append(f"| {o['tolerance_points']} | {bound} | {o['accuracy_delta_points']:+.2f} | "
                          f"{1 / o['mac_ratio']:.2f}x | {rates} | {o['in_sample_accuracy_delta_points']:+.2f} | "

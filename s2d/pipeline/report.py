@@ -131,7 +131,8 @@ class ThresholdChooser:
             static_fallback = cert is None or self.calib_mac_ratio(tuned) >= 1
             point: dict[str, Any] = {"tolerance_points": tol, "confidence": self.confidence,
                                      "certificate": cert.to_dict() if cert else None,
-                                     "static_fallback": static_fallback}
+                                     "static_fallback": static_fallback,
+                                     "calib_mac_ratio": 1.0 if static_fallback else self.calib_mac_ratio(tuned)}
             point.update(_static_figures(static) if static_fallback
                          else _test_figures(test, costs, list(tuned.thresholds), static))
             point.update({f"in_sample_{k}": v for k, v in _test_figures(test, costs, in_sample, static).items()})
@@ -147,6 +148,17 @@ class ThresholdChooser:
         return [{"target_mac_ratio": ratio, **_test_figures(
                     test, costs, calibrate_budget_thresholds(calib, costs, ratio * static["macs"]), static)}
                 for ratio in ratios]
+
+
+def cheapest_points(points: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per tolerance, the point of the network (``points``' key, in order of preference) that is certified with
+    the fewest average MACs on the calibration split, labelled ``static_stage``. Chosen on held-out data only;
+    each network must have been certified at its share of the risk (Bonferroni), so the pick keeps the promise."""
+    merged = []
+    for candidates in zip(*points.values(), strict=True):
+        best = min(range(len(candidates)), key=lambda i: (candidates[i]["calib_mac_ratio"], i))
+        merged.append({**candidates[best], "static_stage": list(points)[best]})
+    return merged
 
 
 class RowMeter:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -149,6 +150,19 @@ class SuperNet(nn.Module):
         own = self.static.state_dict()
         self.static.load_state_dict({k: v for k, v in static.state_dict().items() if k in own})
         self.use_arch_statistics(None)
+
+    @contextmanager
+    def reference_weights(self, static: nn.Module) -> Iterator[None]:
+        """Inside the block, recomputing last stages run on ``static``'s weights (a cascade whose copy was
+        distilled, ending in the untouched static network instead: no disagreement with the static model where
+        images reach it, which a tight certified tolerance needs); the copy's own weights are put back after."""
+        ref = self.reference.module
+        kept = {k: v.clone() for k, v in ref.state_dict().items()}
+        ref.load_state_dict({k: v for k, v in static.state_dict().items() if k in kept})
+        try:
+            yield
+        finally:
+            ref.load_state_dict(kept)
 
     def materialise(self, arch: MultiStageArch, fold_bn: bool = True) -> DynamicNet:
         """A standalone ``DynamicNet`` with the arch's weights copied out (thresholds required)."""
