@@ -71,7 +71,7 @@ def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, devic
     """:func:`paired_figures` of ``net`` with real early exits against ``reference`` (the deployed static
     model), with half of ``repeats`` at batch 256."""
     return paired_figures(reference, net.to(device).eval(), data.test.subset(limit), data.info, device=device,
-                          latency_images=latency_images, repeats=max(5, repeats // 2))
+                          latency_images=latency_images, repeats=max(1, repeats // 2))
 
 
 def dynamic_figures(net: DynamicNet, test: StageOutputs, costs: list[float], reference: nn.Module, data: Dataset, *,

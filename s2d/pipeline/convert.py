@@ -69,7 +69,7 @@ class Budget:
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
-                   final_head_images=500, speed_repeats=4, latency_images=32,  # speed figures as smoke, not data
+                   final_head_images=500, speed_repeats=2, latency_images=16,  # speed figures as smoke, not data
                    static_stage_steps=2),
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
