@@ -20,6 +20,7 @@ import yaml
 
 from s2d import checkpoint
 from s2d.models import get_model
+from s2d.pipeline.convert import BUDGETS
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.graph import analyze
 from s2d.transform.supernet import is_dynamic_checkpoint
@@ -189,7 +190,8 @@ def test_latency_table_against_measured_time(converted, tmp_path):
     r, _ = s2d("bench", "latency", "--run-dir", str(run), "--archs", "2", "--threads", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     res = json.loads((run / "bench_latency" / "latency.json").read_text())
-    assert res["archs"] == 2 and res["stages_measured"] == res["table_entries"] > 0 and res["b1_images"] == 16
+    assert res["archs"] == 2 and res["stages_measured"] == res["table_entries"] > 0
+    assert res["b1_images"] == BUDGETS["tiny"].latency_images // 2
     for row in res["rows"]:
         assert row["measured_b1"] > 0 and row["predicted_b1"] > 0 and row["measured_large"] > 0
         assert row["error_large"] == pytest.approx(row["predicted_large"] / row["measured_large"] - 1)
