@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import s2d.measure.network as network
 from s2d.data import Dataset, load_dataset
 from s2d.models import get_model
 from s2d.training.static import TrainConfig, train_static
@@ -36,6 +37,34 @@ def quick_data(fmnist: Dataset) -> Dataset:
     """The default split with validation and test cut to 500 images, for fast training/eval."""
     return Dataset(info=fmnist.info, train=fmnist.train, val=fmnist.val.subset(500), test=fmnist.test.subset(500),
                    split_seed=fmnist.split_seed, val_size=fmnist.val_size)
+
+
+PAIRED_SPEED, MEASURE_SPEED, EXPECTED_LATENCY = network.paired_speed, network.measure_speed, network.expected_latency
+
+
+def _quick_paired(reference, candidate, inputs, **_):
+    if not isinstance(inputs, torch.Tensor):  # single images for the latency: four of them
+        inputs = list(inputs)[:4]
+    return PAIRED_SPEED(reference, candidate, inputs, repeats=2, warmup=0)
+
+
+def _quick_speed(forward, x, **_):
+    return MEASURE_SPEED(forward, x, repeats=2, warmup=0)
+
+
+def _quick_latency(reference, candidate, images, **_):
+    return EXPECTED_LATENCY(reference, candidate, list(images)[:4], repeats=2, warmup=0)
+
+
+@pytest.fixture(scope="module")
+def quick_timing():
+    """Report rows timed with 2 repeats and 4 single images, for in-process conversions whose test is about
+    something else than speed (what the timing measures is tested in test_timing and test_convert)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(network, "paired_speed", _quick_paired)
+        mp.setattr(network, "measure_speed", _quick_speed)
+        mp.setattr(network, "expected_latency", _quick_latency)
+        yield
 
 
 def _tiny_config(**overrides) -> TrainConfig:

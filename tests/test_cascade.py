@@ -149,7 +149,7 @@ def test_the_final_fine_tune_distils_the_cascades_static_stage(finetuned_cascade
 
 
 def test_a_tolerance_the_distilled_copy_cannot_keep_ships_the_untouched_static_stage(finetuned_cascade, quick_data,
-                                                                                     tmp_path):
+                                                                                     tmp_path, quick_timing):
     """Where the distilled copy disagrees with the static model too often to certify the tolerance, the cascade's
     twin ending in the untouched static network is certified instead (each at half the risk) and ships, with its
     own row and checkpoint, and the fine-tuned weights are left as they were."""

@@ -400,7 +400,8 @@ def test_restore_static_gives_full_width_archs_the_static_network():
         torch.testing.assert_close(logits, static(x), atol=1e-4, rtol=1e-4)
 
 
-def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, capsys, nothing_meets_the_target):
+def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, capsys, nothing_meets_the_target,
+                                                           quick_timing):
     """The user's case from the issue: the search finds nothing within tolerance. The conversion must
     not ship its best-reward arch anyway (42 % at 1.00x MACs there): it ships the static network,
     says so in one line on stderr and in the report, and exits 0."""
@@ -430,7 +431,7 @@ def test_no_arch_within_tolerance_ships_the_static_network(tmp_path, tiny_run, c
 
 
 @pytest.mark.slow  # a whole tiny conversion (~2 min) for one report decision
-def test_a_cascade_that_saves_nothing_is_not_shipped(tmp_path, tiny_run, monkeypatch, capsys):
+def test_a_cascade_that_saves_nothing_is_not_shipped(tmp_path, tiny_run, monkeypatch, capsys, quick_timing):
     """A cascade certified only with thresholds that exit nobody runs its narrow stage and then the whole
     static network: more MACs than the static model for the same predictions. The static network ships."""
     import s2d.pipeline.convert as convert

@@ -14,10 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-import s2d.measure.network as network
 from s2d.cli import main
 from s2d.data import load_dataset
 from s2d.pipeline.convert import ConvertConfig, Pipeline, choose_arch
@@ -32,29 +30,9 @@ from s2d.pipeline.pick import (
 )
 from s2d.search.archive import Archive
 
-PAIRED_SPEED, MEASURE_SPEED = network.paired_speed, network.measure_speed
-
 TOLERANCE = 50.0  # the parent's: the tiny static model is weak (~35 %), see test_convert
 MAX_DROP = 20.0  # the pick's
 VAL_SIZE = 1000  # held-out images: 400 for the search (200 of them score an arch), 600 to calibrate on
-
-
-def _quick_paired(reference, candidate, inputs, **_):
-    if not isinstance(inputs, torch.Tensor):  # single images for the latency: four of them
-        inputs = list(inputs)[:4]
-    return PAIRED_SPEED(reference, candidate, inputs, repeats=2, warmup=0)
-
-
-def _quick_speed(forward, x, **_):
-    return MEASURE_SPEED(forward, x, repeats=2, warmup=0)
-
-
-@pytest.fixture(scope="module")
-def quick_timing():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(network, "paired_speed", _quick_paired)
-        mp.setattr(network, "measure_speed", _quick_speed)
-        yield
 
 
 def _snapshot(root: Path) -> dict[str, str]:

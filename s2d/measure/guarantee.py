@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import beta
 
 from s2d.measure.accuracy import StageOutputs
 from s2d.measure.calibration import budget_frontier
@@ -36,6 +35,8 @@ DEFAULT_CONFIDENCE = 0.9
 def drop_upper_bound(static_correct: torch.Tensor | np.ndarray, dynamic_correct: torch.Tensor | np.ndarray,
                      confidence: float = DEFAULT_CONFIDENCE) -> float:
     """Upper ``confidence`` bound of the accuracy drop (a fraction, not points) of the dynamic network."""
+    from scipy.stats import beta  # scipy.stats costs every CLI process half a second at import; few need it
+
     s = np.asarray(static_correct, dtype=bool)
     d = np.asarray(dynamic_correct, dtype=bool)
     n = len(s)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scipy.stats import binomtest
-
 
 @dataclass(frozen=True)
 class PairedComparison:
@@ -26,6 +24,8 @@ class PairedComparison:
 
 def paired_comparison(a_wrong: Iterable[int], b_wrong: Iterable[int]) -> PairedComparison:
     """McNemar's exact test from the indices of the test images each network gets wrong."""
+    from scipy.stats import binomtest  # lazily, as in guarantee.py
+
     a, b = set(a_wrong), set(b_wrong)
     a_only, b_only = len(b - a), len(a - b)
     n = a_only + b_only

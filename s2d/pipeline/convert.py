@@ -57,6 +57,7 @@ class Budget:
     report_val_images: int | None = None  # validation images for the report's calibration (None: all)
     head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
+    probe_images: int = 1000  # validation images of the training progress probe (TensorBoard), at every checkpoint
     final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
     speed_repeats: int = 20  # paired timing repeats of every report row (batch 256: half of them)
     latency_images: int = 200  # single test images of every report row's batch-1 latency
@@ -68,9 +69,11 @@ class Budget:
 
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
-                   compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=500,
-                   final_head_images=500, speed_repeats=2, latency_images=16,  # speed figures as smoke, not data
+                   compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=250,
+                   probe_images=200, final_head_images=500, speed_repeats=2, latency_images=16,  # smoke, not data
                    static_stage_steps=2),
+    # tiny checkpoints (and probes) at every one of its 3 steps, and every evaluation recalibrates batch norm:
+    # 1000 probe images and 500 batch-norm images were a third of a tiny conversion, which the suite runs a dozen times
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
     # a second, random search at the same evaluations doubled the search phase without changing the network
@@ -321,7 +324,8 @@ class Pipeline:
         c = self.cfg
         return SupernetConfig(model=c.model, dataset=c.dataset, weights=c.weights, steps=steps,
                               batch_size=self.budget.batch_size, seed=c.seed, val_size=c.val_size,
-                              split_seed=c.split_seed, bn=c.bn, checkpoint_every=max(1, min(50, steps // 4)))
+                              split_seed=c.split_seed, bn=c.bn, checkpoint_every=max(1, min(50, steps // 4)),
+                              probe_images=self.budget.probe_images)
 
     # --- phases ---------------------------------------------------------------------------
     def supernet_phase(self) -> None:
@@ -504,7 +508,8 @@ class Pipeline:
         with SummaryWriter(str(self.run.tensorboard / "finetune")) as writer:
             for s, loss in enumerate(losses):
                 writer.add_scalar(f"finetune/arch_stage{s + 1}_loss", loss, 0)
-            for k, v in probe(self.supernet, [arch], self.data, device=self.cfg.device).items():
+            for k, v in probe(self.supernet, [arch], self.data, device=self.cfg.device,
+                              images=self.budget.probe_images).items():
                 writer.add_scalar(f"finetune/val_{k.replace('arch0', 'arch')}", v, 0)
         checkpoint.save_atomic({"state_dict": self.supernet.state_dict(), "static_backbone": True}, path)
 

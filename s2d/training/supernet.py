@@ -45,6 +45,7 @@ class SupernetConfig:
     val_size: int | None = None  # None: 10 % of the training images, at most 5000 (resolved on load)
     split_seed: int = 0
     checkpoint_every: int = 50
+    probe_images: int = 1000  # validation images the progress probe scores at every checkpoint
     bn: str = "batch"  # "batch": each arch normalises with its own batch statistics; "frozen": the static ones
     largest_weight: float = 2.0  # loss weight of the static network when a sampler draws it with other archs
     last_stage_weight: float = 1.0  # loss weight of an arch's last stage against 1 for each earlier stage
@@ -143,7 +144,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 if probe_archs and world.is_main:
-                    stats = probe(supernet, probe_archs, data, device=device)
+                    stats = probe(supernet, probe_archs, data, device=device, images=cfg.probe_images)
                     for k, v in stats.items():
                         writer.add_scalar(f"{tag}/val_{k}", v, step)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in list(stats.items())[:3]})
