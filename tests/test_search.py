@@ -414,9 +414,9 @@ def test_a_genome_encodes_every_arch_of_the_space(net):
 
 
 def test_the_predictor_tau_is_logged_as_the_search_goes(net, tmp_path):
-    run_search(FakeEvaluator(tmp_path), net["space"], Run(tmp_path), algo="random", budget=30, seed=0, progress=False)
+    run_search(FakeEvaluator(tmp_path), net["space"], Run(tmp_path), algo="random", budget=90, seed=0, progress=False)
     tau = scalars(tmp_path / "tensorboard" / "search_random")["search/predictor_kendall_tau"]
-    assert [step for step, _ in tau] == [20, 30]  # every 10 evaluations, from 2 * MIN_FIT on
+    assert [step for step, _ in tau] == [20, 40, 80, 90]  # doubling from 2 * MIN_FIT on, and at the budget's end
     assert tau[-1][1] > 0.5  # the fake reward (1 - mean width) is learnable
 
 
