@@ -43,8 +43,6 @@ PAIRED_SPEED, MEASURE_SPEED, EXPECTED_LATENCY = network.paired_speed, network.me
 
 
 def _quick_paired(reference, candidate, inputs, **_):
-    if not isinstance(inputs, torch.Tensor):  # single images for the latency: four of them
-        inputs = list(inputs)[:4]
     return PAIRED_SPEED(reference, candidate, inputs, repeats=2, warmup=0)
 
 

@@ -73,7 +73,7 @@ BUDGETS = {
                    probe_images=200, final_head_images=500, speed_repeats=2, latency_images=16,  # smoke, not data
                    static_stage_steps=2),
     # tiny checkpoints (and probes) at every one of its 3 steps, and every evaluation recalibrates batch norm:
-    # 1000 probe images and 500 batch-norm images were a third of a tiny conversion, which the suite runs a dozen times
+    # 1000 probe images and 500 batch-norm images were a third of a tiny conversion
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500),
     # a second, random search at the same evaluations doubled the search phase without changing the network

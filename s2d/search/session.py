@@ -22,8 +22,7 @@ from s2d.transform.arch import MultiStageArch
 def logs_tau(n: int, budget: int) -> bool:
     """Whether the predictor's held-out tau is logged after the ``n``-th evaluation: at 20, 40, 80, ... and at
     the end of the budget. Each figure fits five 300-tree forests (about 2 s on one thread at 100 records):
-    every 10 evaluations, a 150-evaluation search spent half a minute on this diagnostic, and the suite's
-    searcher tests on instant rewards spent nine tenths of their time on it."""
+    every 10 evaluations, a 150-evaluation search spent half a minute on this diagnostic."""
     return n == budget or (n >= 20 and n % 20 == 0 and (n // 20) & (n // 20 - 1) == 0)
 
 
