@@ -400,6 +400,9 @@ def test_materialised_forward_all_equals_forward_stages(resnet20_sn, mobilenet_s
         assert_stages_close(got, ref, tol=1e-5 if not fold_bn else 2e-5)
         # materialised weights are copies: changing the supernet does not change the net
         assert not any(p.requires_grad for p in net.parameters())
+        # on the CPU they are laid out channels-last (the faster layout here), and the layout changes no logit
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     conv = resnet20_sn.static.get_submodule("layer1.0.conv1")
     net = resnet20_sn.materialise(make_arch(*RESNET20_ARCHS["2 stages reuse on"]), fold_bn=fold_bn)
     x = torch.randn(2, 1, 28, 28)

@@ -69,6 +69,21 @@ def test_expected_latency_is_the_average_image_not_the_typical_one(monkeypatch):
     assert paired_speed(reference, cascade, images, warmup=0).ratio == pytest.approx(0.1)
 
 
+def test_deployable_folds_batch_norm_and_lays_convs_out_channels_last_without_changing_logits():
+    """The reference of every speed ratio is deployed as s2d's stages are: a ratio compares network
+    shapes, not layouts. The caller's model keeps its own layout and batch norm."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 1).eval()
+    x = torch.randn(8, 1, 28, 28)
+    deployed = deployable(model)
+    convs = [m for m in deployed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+    assert model.conv1.weight.is_contiguous() and isinstance(model.bn1, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_static_network_against_itself_is_a_tie_on_a_busy_machine():
     """The same network timed against a copy of itself while another thread loads the CPU:
     paired medians stay near 1 where two separate loops drift by up to 1.9x."""

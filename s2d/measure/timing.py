@@ -10,6 +10,7 @@ many images (:func:`expected_latency`) is the mean time per image, each image's 
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,13 +23,18 @@ Forward = Callable[[torch.Tensor], object]
 
 
 def deployable(model: nn.Module) -> nn.Module:
-    """The model as it would be deployed: batch norm folded into convs (as DynamicNet stages are)."""
+    """The model as it would be deployed, and as DynamicNet stages are: batch norm folded into convs,
+    weights in the inference layout (channels-last on the CPU). A speed ratio against it is then one
+    of network shapes, not of layouts."""
     from torch.fx.experimental.optimization import fuse
 
+    from s2d.transform.stages import inference_layout
+
     try:
-        return fuse(model.eval())
-    except Exception:  # untraceable models are timed as they are
-        return model
+        model = fuse(model.eval())
+    except Exception:  # untraceable models keep their batch norm (and the caller's copy its layout)
+        model = copy.deepcopy(model)
+    return inference_layout(model)
 
 
 def _sync(x: torch.Tensor) -> None:
