@@ -29,6 +29,7 @@ from s2d.pipeline import peers
 from s2d.pipeline.peers import conversion_seconds, oracle_bound, run_peers, verdicts
 from s2d.runs import write_json_atomic
 from s2d.transform.arch import MultiStageArch
+from s2d.transform.stages import INFERENCE_LAYOUT
 from s2d.transform.supernet import dynamic_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -253,7 +254,11 @@ def test_finished_peers_are_not_retrained(peer_run, fmnist, monkeypatch):
     with pytest.raises(S2DError, match="--peer-seconds 2"):  # another budget would mix two comparisons
         run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 3.0})
     # the hint's rounded figure is the same budget
-    assert run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 2.0004})["rows"][1] == first["rows"][1]
+    only_half = run_peers(root, ratios=(1 / 2,), data=fmnist, **{**QUICK, "seconds": 2.0004})
+    assert only_half["rows"][1] == first["rows"][1]
+    # the 1/4 peer finished on this budget stays in the table (and the markdown) when only 1/2 is asked for
+    assert only_half["rows"][:3] == first["rows"][:3]
+    assert "| Torch-Pruning 1/4 |" in (root / "peers" / "peers.md").read_text()
 
 
 def test_a_peer_finished_before_errors_were_recorded_gets_them_from_its_checkpoint(peer_run, fmnist, monkeypatch):
@@ -266,6 +271,26 @@ def test_a_peer_finished_before_errors_were_recorded_gets_them_from_its_checkpoi
     monkeypatch.setattr(peers, "kd_finetune", lambda *_a, **_k: pytest.fail("a finished peer was trained again"))
     again = run_peers(root, ratios=(1 / 2, 1 / 4), data=fmnist, **QUICK)
     assert [p["test_wrong"] for p in again["peers"]] == [p["test_wrong"] for p in first["peers"]]
+
+
+def test_peers_timed_in_another_layout_are_timed_again_not_retrained(peer_run, fmnist, monkeypatch):
+    """Figures from before deployed networks ran channels-last must not sit beside figures timed after: the
+    finished peers and s2d's points are timed again, from their checkpoints; nothing is trained."""
+    root, first = peer_run["root"], peer_run["res"]
+    path = root / "peers" / "peers.json"
+    saved = json.loads(path.read_text())
+    for p in saved["peers"]:
+        del p["layout"]
+    del saved["s2d_measured"]["layout"]
+    write_json_atomic(path, saved)
+    monkeypatch.setattr(peers, "kd_finetune", lambda *_a, **_k: pytest.fail("a finished peer was trained again"))
+    timed = []
+    real = peers.paired_figures
+    monkeypatch.setattr(peers, "paired_figures", lambda *a, **k: timed.append(1) or real(*a, **k))
+    again = run_peers(root, ratios=(1 / 2,), data=fmnist, **QUICK)
+    assert [p["layout"] for p in again["peers"]] == [INFERENCE_LAYOUT] * 2 and again["s2d_measured"]["layout"]
+    assert len(timed) == 2 + len(first["s2d_measured"]["operating_points"])  # both peers and every s2d point
+    assert [p["test_accuracy"] for p in again["peers"]] == [p["test_accuracy"] for p in first["peers"]]
 
 
 def test_killed_run_continues_from_its_checkpoint(peer_run, fmnist, monkeypatch):

@@ -41,7 +41,7 @@ from s2d.runs import write_json_atomic
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.dynamic import early_exit, route
 from s2d.transform.exit_rule import NEVER_EXIT
-from s2d.transform.stages import materialise
+from s2d.transform.stages import INFERENCE_LAYOUT, materialise
 from s2d.transform.supernet import SuperNet
 
 LARGE_BATCH = 256
@@ -73,7 +73,7 @@ class StageTime:
 def machine(device: str, batch: int, mid: int) -> dict[str, Any]:
     """What a table's times depend on besides the network."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-            "cpu": platform.processor() or platform.machine(), "batch": batch, "mid": mid}
+            "cpu": platform.processor() or platform.machine(), "batch": batch, "mid": mid, "layout": INFERENCE_LAYOUT}
 
 
 class LatencyTable:

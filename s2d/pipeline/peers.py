@@ -13,7 +13,8 @@ weights and train/validation/test split:
 
 Every speed ratio is paired with the deployed static model (``measure.timing.paired_speed``).
 Peers are checkpointed under ``R/peers/`` and recorded in ``R/peers/peers.json`` as each
-finishes, so a killed run continues and a finished peer is never retrained. Outputs:
+finishes, so a killed run continues and a finished peer is never retrained (only timed again when it was
+timed in another memory layout than today's deployed networks). Outputs:
 ``peers.json``, ``peers.md`` and ``peers.png``.
 """
 
@@ -45,6 +46,7 @@ from s2d.models.zoo import load_model
 from s2d.runs import write_json_atomic, write_text_atomic
 from s2d.training.distill import kd_finetune
 from s2d.training.prune import prune_to_mac_ratio, restore_pruned
+from s2d.transform.stages import INFERENCE_LAYOUT
 
 DEFAULT_RATIOS = (1 / 2, 1 / 3, 1 / 4)
 NOT_CONVERSION = ("peers", "bench_rank")  # run-directory folders written after the conversion, by benches
@@ -205,19 +207,37 @@ def wrong_images_at(outs: StageOutputs, thresholds: Sequence[float]) -> list[int
     return torch.nonzero(~correct).flatten().tolist()
 
 
-def _finished_peer_wrong(row: dict[str, Any], static: nn.Module, data: Dataset, test: Split, *, device: str
-                         ) -> list[int] | None:
-    """A peer finished before its errors were recorded: rebuild it from its checkpoint, if that is the network
-    whose accuracy the row reports."""
+def _finished_student(row: dict[str, Any], static: nn.Module, data: Dataset, *, device: str) -> nn.Module | None:
+    """A finished peer's network, rebuilt from its checkpoint (None without one)."""
     ckpt = Path(row.get("checkpoint", ""))
     if not ckpt.is_file():
         return None
     info = data.info
     state = checkpoint.load(ckpt)
-    student = restore_pruned(static, state["state_dict"], (info.in_channels, info.image_size, info.image_size),
-                             source=str(ckpt)).to(device).eval()
-    wrong = wrong_images(student, test, info, device=device)
-    return wrong if abs(1 - len(wrong) / len(test) - row["test_accuracy"]) < 0.5 / len(test) else None  # same count
+    return restore_pruned(static, state["state_dict"], (info.in_channels, info.image_size, info.image_size),
+                          source=str(ckpt)).to(device).eval()
+
+
+def _refresh_finished(row: dict[str, Any], static: nn.Module, data: Dataset, test: Split, reference: nn.Module, *,
+                      device: str, latency_images: int, repeats: int, log: Log) -> dict[str, Any]:
+    """A finished peer, completed where an older s2d left it short: its test errors when they were not recorded,
+    its speed when it was timed in another layout than today's deployed networks (else it would be compared with
+    s2d points timed in this one). Only when the checkpoint rebuilds the network whose accuracy the row reports."""
+    stale = row.get("layout") != INFERENCE_LAYOUT
+    if row.get("test_wrong") is not None and not stale:
+        return row
+    student = _finished_student(row, static, data, device=device)
+    if student is None:
+        return row
+    wrong = wrong_images(student, test, data.info, device=device)
+    if abs(1 - len(wrong) / len(test) - row["test_accuracy"]) >= 0.5 / len(test):  # not the same network
+        return row
+    row["test_wrong"] = wrong
+    if stale:
+        log(f"{row['name']}: timed again (its speed was measured in another memory layout)")
+        row.update(paired_figures(reference, deployable(copy.deepcopy(student)), test, data.info, device=device,
+                                  latency_images=latency_images, repeats=repeats), layout=INFERENCE_LAYOUT)
+    return row
 
 
 def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, test: Split, reference: nn.Module,
@@ -262,7 +282,8 @@ def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, te
             "test_wrong": wrong,
             "average_macs": macs, "mac_ratio": macs / static_macs,
             "params": sum(p.numel() for p in student.parameters()),
-            **speed, "speed_source": "measured here", "seconds_budget": seconds, "finetune": ft,
+            **speed, "speed_source": "measured here", "layout": INFERENCE_LAYOUT, "seconds_budget": seconds,
+            "finetune": ft,
             "prune_seconds": prune_s, "cost_seconds": prune_s + ft["seconds"], "checkpoint": str(ckpt)}
 
 
@@ -304,7 +325,7 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
                        "test_accuracy_here": outs.accuracy(point["thresholds"]),
                        **paired_figures(reference, net, test, data.info, device=device, latency_images=latency_images,
                                         repeats=repeats)})
-    return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test),
+    return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test), "layout": INFERENCE_LAYOUT,
             "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points,
             "test_wrong": wrong}
 
@@ -433,9 +454,8 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
         key = ratio_key(target)
         if key in finished:
             log(f"Torch-Pruning 1/{1 / target:.3g}: finished before ({finished[key]['test_accuracy'] * 100:.2f} %)")
-            if finished[key].get("test_wrong") is None:
-                finished[key]["test_wrong"] = _finished_peer_wrong(finished[key], static, data, test, device=device)
-            peers.append(finished[key])
+            peers.append(_refresh_finished(finished[key], static, data, test, reference, device=device,
+                                           latency_images=latency_images, repeats=repeats, log=log))
             continue
         row = _tp_peer(target, float(seconds), static, data, test, reference, static_macs, root, device=device,
                        progress=progress, latency_images=latency_images, repeats=repeats, log=log)
@@ -445,10 +465,18 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
         log(f"{row['name']}: {row['test_accuracy'] * 100:.2f} %, {1 / row['mac_ratio']:.2f}x fewer MACs, "
             f"throughput x{row['throughput_ratio']:.2f}")
 
+    asked = {ratio_key(r) for r in ratios}
+    for key, old in finished.items():  # peers of other ratios finished on this budget stay in the table
+        if key not in asked and abs(old["seconds_budget"] - float(seconds)) <= 0.5:
+            peers.append(_refresh_finished(old, static, data, test, reference, device=device,
+                                           latency_images=latency_images, repeats=repeats, log=log))
+    peers.sort(key=lambda p: -p["target_ratio"])
+
     measured = done.get("s2d_measured", {})
     dyn = root / "checkpoints" / "dynamic.pt"
     if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
-            and measured.get("test_images") == len(test) and "test_wrong" in measured):  # re-timing adds only noise
+            and measured.get("test_images") == len(test) and "test_wrong" in measured
+            and measured.get("layout") == INFERENCE_LAYOUT):  # re-timing the same network adds only noise
         log("s2d: oracle bound and operating-point speeds from checkpoints/dynamic.pt")
         measured = _s2d_measured(root, config, report, data, test, reference, static_macs, device=device,
                                  latency_images=latency_images, repeats=repeats)
@@ -498,12 +526,13 @@ def peers_markdown(res: dict[str, Any]) -> str:
                    "exit rule on these stages can beat it, and it has no speed figure (it is not deployable).")
               if oracle.get("available", True) else f"Oracle bound: not available ({oracle['reason']})."]
     lines += ["", "Speed ratios are wall-clock on this machine, each timed interleaved with the deployed static model "
-              "(BN folded): throughput > 1 and latency < 1 are faster; batch-1 latency is the mean time per image over "
-              "single test images (each image's fastest of 3 paired calls). Sources: Torch-Pruning rows and the s2d "
-              "operating points are measured here; the depth-only and searched + fine-tuned rows come from the "
-              "conversion's report.json (— where it has none). Cost: pruning plus fine-tuning for the peers, the "
-              "whole conversion for s2d's points (one conversion yields all of them); the depth-only network is a "
-              "by-product of the conversion's report (linear-probe exit heads on the static weights).", ""]
+              "(BN folded, channels-last on the CPU, as s2d's stages): throughput > 1 and latency < 1 are faster; "
+              "batch-1 latency is the mean time per image over single test images (each image's fastest of 3 "
+              "paired calls). Sources: Torch-Pruning rows and the s2d operating points are measured here; the "
+              "depth-only and searched + fine-tuned rows come from the conversion's report.json (— where it has "
+              "none). Cost: pruning plus fine-tuning for the peers, the whole conversion for s2d's points (one "
+              "conversion yields all of them); the depth-only network is a by-product of the conversion's report "
+              "(linear-probe exit heads on the static weights).", ""]
     return "\n".join(lines)
 
 

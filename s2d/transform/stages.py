@@ -337,6 +337,10 @@ def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
     return inference_layout(gm)
 
 
+INFERENCE_LAYOUT = "channels_last"  # what ``inference_layout`` gives on the CPU: stored beside speed figures,
+# so that figures timed in another layout are measured again rather than mixed with these
+
+
 def inference_layout(module: nn.Module) -> nn.Module:
     """The module with its conv weights in channels-last (NHWC) layout when it runs on the CPU.
 
