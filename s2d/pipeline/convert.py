@@ -42,6 +42,7 @@ from s2d.training.heads import fit_heads, init_heads
 from s2d.training.supernet import SupernetConfig, probe, train_archs
 from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.importance import CRITERIA, order_channels
+from s2d.transform.stages import INFERENCE_LAYOUT
 from s2d.transform.supernet import SuperNet, dynamic_checkpoint
 
 
@@ -627,7 +628,7 @@ class Pipeline:
             "confidence": self.cfg.confidence, "calib_images": len(self.calib), "dynamic": dyn, "rows": rows,
             "operating_points": points, "budget_points": budget_points,
             "search": self.state.get("search", {}).get("summaries", {}), "threads": torch.get_num_threads(),
-            "fallback": fallback, "static_stage": static_stage if twin else None,
+            "layout": INFERENCE_LAYOUT, "fallback": fallback, "static_stage": static_stage if twin else None,
         }
         write_report(self.run.root, report, self.archive.records())
         self._done("report", report="report.md")

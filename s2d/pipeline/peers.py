@@ -325,15 +325,24 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
                        "test_accuracy_here": outs.accuracy(point["thresholds"]),
                        **paired_figures(reference, net, test, data.info, device=device, latency_images=latency_images,
                                         repeats=repeats)})
+    budget_points = []  # the budget points are what pruning is compared with: timed here, in today's layout
+    for point in report.get("budget_points", []):
+        net.set_thresholds(point["thresholds"])
+        budget_points.append({"target_mac_ratio": point["target_mac_ratio"],
+                              **paired_figures(reference, net, test, data.info, device=device,
+                                               latency_images=latency_images, repeats=repeats)})
     return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test), "layout": INFERENCE_LAYOUT,
             "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points,
-            "test_wrong": wrong}
+            "budget_points": budget_points, "test_wrong": wrong}
 
 
-def _report_speed(row: dict[str, Any]) -> dict[str, Any]:
-    """A report row's paired speed ratios and where they came from (None when the report has none)."""
-    return {"throughput_ratio": row.get("throughput_ratio"), "latency_ratio": row.get("latency_ratio"),
-            "speed_source": "report" if row.get("throughput_ratio") is not None else None}
+def _report_speed(row: dict[str, Any], layout: str | None) -> dict[str, Any]:
+    """A report row's paired speed ratios and where they came from: None when the report has none, or timed them
+    in another memory layout than the rows measured here (``layout``: the report's)."""
+    if row.get("throughput_ratio") is None or layout != INFERENCE_LAYOUT:
+        return {"throughput_ratio": None, "latency_ratio": None, "speed_source": None}
+    return {"throughput_ratio": row["throughput_ratio"], "latency_ratio": row.get("latency_ratio"),
+            "speed_source": "report"}
 
 
 def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: float,
@@ -341,13 +350,14 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
     """The report's depth-only, searched + fine-tuned and operating-point rows, in the peers' terms; s2d's rows
     carry the test images they get wrong when the network was rebuilt here (``measured``)."""
     rows = []
+    layout = report.get("layout")
     wrong = measured.get("test_wrong", {}) if measured.get("available") else {}
     speed_keys = ("throughput_ratio", "latency_ratio")
     depth = next((r for r in report.get("rows", []) if r["name"].startswith("depth_only")), None)
     if depth is not None:
         rows.append({"name": "SDN-style depth-only", "kind": "depth_only", "test_accuracy": depth["test_accuracy"],
                      "average_macs": depth["average_macs"], "mac_ratio": depth["mac_ratio"],
-                     "exit_rates": depth.get("exit_rates"), **_report_speed(depth),
+                     "exit_rates": depth.get("exit_rates"), **_report_speed(depth, layout),
                      "cost_seconds": None})
     dyn = report.get("dynamic")
     tol = report.get("tolerance_points")
@@ -355,7 +365,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
         rows.append({"name": f"s2d searched + fine-tuned (tol {tol})", "kind": "s2d",
                      "test_accuracy": dyn["test_accuracy"], "average_macs": dyn["average_macs"],
                      "mac_ratio": dyn["mac_ratio"], "exit_rates": dyn.get("exit_rates"),
-                     **_report_speed(dyn),
+                     **_report_speed(dyn, layout),
                      "cost_seconds": conversion_s, "test_wrong": wrong.get("dynamic")})
     speeds = {p["tolerance_points"]: p for p in measured.get("operating_points", [])} if measured.get("available") \
         else {}
@@ -370,11 +380,15 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s,
                      "test_wrong": static_wrong if point.get("static_fallback")
                      else wrong.get(f"tol:{point['tolerance_points']}")})
+    budget_speeds = {p["target_mac_ratio"]: p for p in measured.get("budget_points", [])} \
+        if measured.get("available") else {}
     for point in report.get("budget_points", []):  # calibrated to the MAC budgets static pruning is compared at
+        sp = budget_speeds.get(point["target_mac_ratio"])
         rows.append({"name": f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x", "kind": "s2d",
                      "test_accuracy": point["test_accuracy"], "average_macs": point["average_macs"],
                      "mac_ratio": point["mac_ratio"], "exit_rates": point.get("exit_rates"),
-                     **_report_speed(point),
+                     **({k: sp[k] for k in speed_keys} | {"speed_source": "measured here"} if sp
+                        else _report_speed(point, layout)),
                      "cost_seconds": conversion_s, "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
     if measured.get("available"):
         o = measured["oracle"]
@@ -476,7 +490,8 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     dyn = root / "checkpoints" / "dynamic.pt"
     if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
             and measured.get("test_images") == len(test) and "test_wrong" in measured
-            and measured.get("layout") == INFERENCE_LAYOUT):  # re-timing the same network adds only noise
+            and measured.get("layout") == INFERENCE_LAYOUT
+            and "budget_points" in measured):  # re-timing the same network adds only noise
         log("s2d: oracle bound and operating-point speeds from checkpoints/dynamic.pt")
         measured = _s2d_measured(root, config, report, data, test, reference, static_macs, device=device,
                                  latency_images=latency_images, repeats=repeats)
