@@ -543,11 +543,11 @@ def peers_markdown(res: dict[str, Any]) -> str:
     lines += ["", "Speed ratios are wall-clock on this machine, each timed interleaved with the deployed static model "
               "(BN folded, channels-last on the CPU, as s2d's stages): throughput > 1 and latency < 1 are faster; "
               "batch-1 latency is the mean time per image over single test images (each image's fastest of 3 "
-              "paired calls). Sources: Torch-Pruning rows and the s2d operating points are measured here; the "
-              "depth-only and searched + fine-tuned rows come from the conversion's report.json (— where it has "
-              "none). Cost: pruning plus fine-tuning for the peers, the whole conversion for s2d's points (one "
-              "conversion yields all of them); the depth-only network is a by-product of the conversion's report "
-              "(linear-probe exit heads on the static weights).", ""]
+              "paired calls). Sources: Torch-Pruning rows and the s2d operating and budget points are measured here; "
+              "the depth-only and searched + fine-tuned rows come from the conversion's report.json (— where it has "
+              "none, or timed them in another memory layout). Cost: pruning plus fine-tuning for the peers, the whole "
+              "conversion for s2d's points (one conversion yields all of them); the depth-only network is a "
+              "by-product of the conversion's report (linear-probe exit heads on the static weights).", ""]
     return "\n".join(lines)
 
 

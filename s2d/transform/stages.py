@@ -337,8 +337,8 @@ def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
     return inference_layout(gm)
 
 
-INFERENCE_LAYOUT = "channels_last"  # what ``inference_layout`` gives on the CPU: stored beside speed figures,
-# so that figures timed in another layout are measured again rather than mixed with these
+INFERENCE_LAYOUT = "channels_last"  # names the rule of ``inference_layout`` (channels-last on the CPU, CUDA as
+# it is); stored beside speed figures, so that figures timed under another rule are measured again, not mixed
 
 
 def inference_layout(module: nn.Module) -> nn.Module:
