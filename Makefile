@@ -49,11 +49,15 @@ data:
 		exit 1; \
 	fi
 
+# Two test files at a time: each test runs single-threaded (tests/conftest.py), and a file's module fixtures
+# (one tiny conversion serves a whole file) stay in one worker with --dist loadfile.
+TEST_WORKERS ?= 2
+
 test: venv data
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: venv data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: venv data
 	$(BIN)/s2d zoo

@@ -1,7 +1,7 @@
 """Shared fixtures: the real Fashion-MNIST data and one tiny trained ResNet-20 run.
 
-Tests run single-threaded by default (the machine has 2 cores and may be training);
-set ``S2D_TEST_THREADS`` to use more.
+Tests run single-threaded by default (the machine has 2 cores and may be training; ``make test`` runs
+two files at a time with pytest-xdist); set ``S2D_TEST_THREADS`` to use more.
 """
 
 from __future__ import annotations
