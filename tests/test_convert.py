@@ -96,6 +96,9 @@ def test_convert_end_to_end(converted):
         assert row["average_macs"] == pytest.approx(sum(p * m for p, m in zip(reach, row["stage_macs"],
                                                                                 strict=True)))
         assert row["latency_ms_batch1"] > 0 and row["throughput_img_s_batch256"] > 0
+        # timed together with every other row, in the budget's rounds, with the range over them
+        assert row["timing_rounds"] == BUDGETS["tiny"].speed_rounds
+        assert row["throughput_ratio_range"][0] <= row["throughput_ratio"] <= row["throughput_ratio_range"][1]
     by_name = dict(zip(names, report["rows"], strict=True))
     # the one-stage row is the full network (with the supernet's weights): the static MACs, no exits
     assert by_name["static (supernet)"]["mac_ratio"] == pytest.approx(1.0)
@@ -123,6 +126,7 @@ def test_convert_end_to_end(converted):
     for b in budget:
         assert sum(b["exit_rates"]) == pytest.approx(1.0)
         assert b["latency_ratio"] > 0 and b["throughput_ratio"] > 0 and b["static_throughput_img_s_batch256"] > 0
+        assert b["timing_rounds"] == BUDGETS["tiny"].speed_rounds
     assert "| 4x |" in (run / "report.md").read_text()
 
     md = (run / "report.md").read_text()

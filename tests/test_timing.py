@@ -113,3 +113,40 @@ def test_static_network_against_itself_is_a_tie_on_a_busy_machine():
 def test_measure_speed_repeats_until_min_seconds():
     s = measure_speed(lambda x: time.sleep(0.01), torch.zeros(1), repeats=2, warmup=0, min_seconds=0.1)
     assert s.repeats >= 8 and s.per_batch_ms >= 10
+
+
+class _Sleeper(torch.nn.Module):
+    """A 'network' whose call takes ``ms`` milliseconds, counting the copies made of it."""
+
+    copies = 0
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def __deepcopy__(self, memo):
+        _Sleeper.copies += 1
+        return _Sleeper(self.ms)
+
+    def forward(self, x):
+        time.sleep(self.ms / 1e3)
+        return x
+
+
+def test_a_table_is_timed_together_in_rounds_on_fresh_copies():
+    from s2d.data import DatasetInfo, Split
+    from s2d.measure.network import paired_figures_in_rounds
+
+    info = DatasetInfo("fake", 10, 1, 4, (0.5,), (0.5,), hflip=False)
+    test = Split(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    _Sleeper.copies = 0
+    figs = paired_figures_in_rounds(_Sleeper(4), {"half": _Sleeper(2), "double": _Sleeper(8)}, test, info,
+                                    rounds=3, latency_images=2, repeats=2)
+    assert _Sleeper.copies == 3 * 2 * 2  # every call of every round: a fresh candidate and a fresh reference
+    assert figs["half"]["throughput_ratio"] == pytest.approx(2, rel=0.35)
+    assert figs["double"]["throughput_ratio"] == pytest.approx(0.5, rel=0.35)
+    for f in figs.values():
+        lo, hi = f["throughput_ratio_range"]
+        assert lo <= f["throughput_ratio"] <= hi and f["timing_rounds"] == 3
+    with pytest.raises(ValueError, match="rounds"):
+        paired_figures_in_rounds(_Sleeper(1), {}, test, info, rounds=0)

@@ -43,7 +43,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         if not (math.isfinite(seconds) and seconds > 0):
             raise S2DError(f"--peer-seconds must be a number of seconds > 0, got {args.peer_seconds!r}")
     res = run_peers(run_dir_from_args(args), ratios=ratios, seconds=seconds, device=check_device(args.device),
-                    progress=not args.quiet, log=print)
+                    rounds=args.rounds, progress=not args.quiet, log=print)
     out = f"{res['run_dir']}/peers"
     print()
     print((Path(out) / "peers.md").read_text())
@@ -125,6 +125,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--algos", default="ppo,ppo_guided,nsga2,evolution,random",
                    help="search: searchers to compare, comma-separated")
     p.add_argument("--seeds", type=positive_int, default=3, help="search: seeds per searcher")
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="peers: timing rounds; every network of the table is timed once per round, on fresh copies, "
+                        "and shows the median over rounds with its range (default 5)")
     p.add_argument("--evaluations", type=positive_int, default=None,
                    help="search: real evaluations per searcher and seed (default: the conversion budget's)")
     p.set_defaults(func=cmd_bench)

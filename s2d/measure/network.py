@@ -7,7 +7,9 @@ real early exits, timed interleaved with the deployed static model.
 
 from __future__ import annotations
 
-from typing import Any
+import statistics
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +19,9 @@ from s2d.measure.accuracy import StageOutputs, accuracy
 from s2d.measure.cost import average_macs, static_cost
 from s2d.measure.timing import Forward, deployable, expected_latency, measure_speed, paired_speed
 from s2d.transform.dynamic import DynamicNet
+
+if TYPE_CHECKING:
+    from s2d.transform.arch import MultiStageArch
 
 
 def evaluate_static(model: nn.Module, data: Dataset, *, device: str = "cpu", limit: int | None = None,
@@ -66,6 +71,42 @@ def paired_figures(reference: Forward, candidate: Forward, test: Split, info: Da
     }
 
 
+RATIO_KEYS = ("throughput_ratio", "latency_ratio")
+
+
+@torch.no_grad()
+def paired_figures_in_rounds(reference: nn.Module, candidates: dict[str, nn.Module], test: Split, info: DatasetInfo,
+                             *, rounds: int = 5, device: str = "cpu", latency_images: int = 200, repeats: int = 10,
+                             log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`paired_figures` of every candidate, timed together: ``rounds`` rounds, each timing every candidate
+    once (the order rotated) on fresh copies of it and of the reference; each figure is the median over rounds,
+    with its range.
+
+    Timed one after the other, networks compared in one table were not: on this 2-core VM the static model's
+    batch-256 time drifts between 110 and 180 ms over minutes, a fresh copy of the same network varies by about
+    ±10 %, and networks of other shapes (memory- against compute-bound) move differently. The same pruned
+    network read x2.41 in one process and x3.21 in the next. Rounds put every network in the same time window,
+    and fresh copies sample the per-copy spread instead of keeping one draw."""
+    import copy
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(candidates)
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for r in range(rounds):
+        if log is not None:
+            log(f"timing round {r + 1}/{rounds}: {len(names)} networks, each paired with the static model")
+        for name in names[r % len(names):] + names[: r % len(names)] if names else []:
+            runs[name].append(paired_figures(copy.deepcopy(reference), copy.deepcopy(candidates[name]), test, info,
+                                             device=device, latency_images=latency_images, repeats=repeats))
+    out = {}
+    for name, figs in runs.items():
+        row: dict[str, Any] = {k: statistics.median(f[k] for f in figs) for k in figs[0]}
+        row.update({f"{k}_range": [min(f[k] for f in figs), max(f[k] for f in figs)] for k in RATIO_KEYS})
+        out[name] = {**row, "timing_rounds": rounds}
+    return out
+
+
 def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, device: str = "cpu",
                   limit: int | None = None, latency_images: int = 200, repeats: int = 20) -> dict[str, float]:
     """:func:`paired_figures` of ``net`` with real early exits against ``reference`` (the deployed static
@@ -74,20 +115,25 @@ def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, devic
                           latency_images=latency_images, repeats=max(1, repeats // 2))
 
 
-def dynamic_figures(net: DynamicNet, test: StageOutputs, costs: list[float], reference: nn.Module, data: Dataset, *,
-                    device: str = "cpu", limit: int | None = None, repeats: int = 20, latency_images: int = 200
-                    ) -> dict[str, Any]:
-    """Test figures of a deployed ``DynamicNet``: accuracy and exit rates at its thresholds (from the
-    test split's stage outputs), average MACs, and paired speed."""
-    thresholds = list(net.arch.thresholds)
+def exit_figures(arch: MultiStageArch, test: StageOutputs, costs: list[float]) -> dict[str, Any]:
+    """Test figures of ``arch`` at its thresholds, from the test split's stage outputs (the decisions
+    ``DynamicNet`` takes): accuracy, exit rates and average MACs. Nothing is timed."""
+    thresholds = list(arch.thresholds)
     rates = test.exit_rates(thresholds)
     return {
-        "arch": net.arch.to_dict(),
+        "arch": arch.to_dict(),
         "test_accuracy": test.accuracy(thresholds),
         "test_images": test.confidence.shape[1],
         "stage_macs": costs,
         "average_macs": average_macs(costs, rates),
         "exit_rates": rates,
-        **dynamic_speed(net, reference, data, device=device, limit=limit, latency_images=latency_images,
-                        repeats=repeats),
     }
+
+
+def dynamic_figures(net: DynamicNet, test: StageOutputs, costs: list[float], reference: nn.Module, data: Dataset, *,
+                    device: str = "cpu", limit: int | None = None, repeats: int = 20, latency_images: int = 200
+                    ) -> dict[str, Any]:
+    """:func:`exit_figures` of a deployed ``DynamicNet``, and its paired speed."""
+    return {**exit_figures(net.arch, test, costs),
+            **dynamic_speed(net, reference, data, device=device, limit=limit, latency_images=latency_images,
+                            repeats=repeats)}

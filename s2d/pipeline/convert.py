@@ -62,6 +62,7 @@ class Budget:
     final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
     speed_repeats: int = 20  # paired timing repeats of every report row (batch 256: half of them)
     latency_images: int = 200  # single test images of every report row's batch-1 latency
+    speed_rounds: int = 3  # the report's rows are timed together in this many interleaved rounds (RowMeter)
     narrow_finetune_steps: int | None = None  # steps of a narrow arch's fine-tune (None: finetune_steps): narrow
     # stages need about as long as a static pruner's fine-tune to be as good as its network. A fixed count, not
     # a wall clock, so that the network a user gets does not depend on how loaded the machine was.
@@ -72,7 +73,7 @@ BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=250,
                    probe_images=200, final_head_images=500, speed_repeats=2, latency_images=16,  # smoke, not data
-                   static_stage_steps=2),
+                   speed_rounds=1, static_stage_steps=2),
     # tiny checkpoints (and probes) at every one of its 3 steps, and every evaluation recalibrates batch norm:
     # 1000 probe images and 500 batch-norm images were a third of a tiny conversion
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
@@ -557,7 +558,8 @@ class Pipeline:
         device = self.cfg.device
         static = evaluate_static(self.static, self.data, device=device, limit=self.budget.test_limit)
         meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit,
-                         repeats=self.budget.speed_repeats, latency_images=self.budget.latency_images)
+                         repeats=self.budget.speed_repeats, latency_images=self.budget.latency_images,
+                         rounds=self.budget.speed_rounds)
         self.load_supernet()
         chooser = self.threshold_chooser(full_width=True)
         baselines = self.space.baselines()
@@ -616,6 +618,7 @@ class Pipeline:
                     dyn, final = meter.row(name, ch, chosen, tests[key])
                     budget_points = meter.budget_points(ch, final, tests[key])
                     self.save_dynamic(final, ch.calib.network_for(final))
+        meter.time_rows()  # every row and budget point, together
         rows.append({**dyn, "static_stage": static_stage} if twin else dyn)
         points = cheapest_points(twin_points) if twin else twin_points["distilled"]
         write_json_atomic(self.run.root / "best_arch.json", final.to_dict())

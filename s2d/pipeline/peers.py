@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -39,7 +39,7 @@ from s2d.data import Dataset, DatasetInfo, Split, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import StageOutputs, logits, stage_outputs
 from s2d.measure.cost import stage_macs, static_cost
-from s2d.measure.network import paired_figures
+from s2d.measure.network import RATIO_KEYS, paired_figures_in_rounds
 from s2d.measure.significance import paired_comparison
 from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
@@ -48,11 +48,16 @@ from s2d.training.distill import kd_finetune
 from s2d.training.prune import prune_to_mac_ratio, restore_pruned
 from s2d.transform.stages import INFERENCE_LAYOUT
 
+if TYPE_CHECKING:
+    from s2d.transform.arch import MultiStageArch
+    from s2d.transform.supernet import SuperNet
+
 DEFAULT_RATIOS = (1 / 2, 1 / 3, 1 / 4)
 NOT_CONVERSION = ("peers", "bench_rank")  # run-directory folders written after the conversion, by benches
 CONVERSION_END = ("report.json", "report.md", "pareto.png", "state.json")  # written last, by the report phase
 LATENCY_IMAGES = 200  # single test images of the batch-1 latency ratio (as the report's rows)
 REPEATS = 10  # batch-256 calls per side of the throughput ratio (as the report's rows)
+ROUNDS = 5  # every network of the table is timed once per round, all in the same time window
 
 Log = Callable[[str], None]
 
@@ -218,32 +223,25 @@ def _finished_student(row: dict[str, Any], static: nn.Module, data: Dataset, *, 
                           source=str(ckpt)).to(device).eval()
 
 
-def _refresh_finished(row: dict[str, Any], static: nn.Module, data: Dataset, test: Split, reference: nn.Module, *,
-                      device: str, latency_images: int, repeats: int, log: Log) -> dict[str, Any]:
-    """A finished peer, completed where an older s2d left it short: its test errors when they were not recorded,
-    its speed when it was timed in another layout than today's deployed networks (else it would be compared with
-    s2d points timed in this one). Only when the checkpoint rebuilds the network whose accuracy the row reports."""
-    stale = row.get("layout") != INFERENCE_LAYOUT
-    if row.get("test_wrong") is not None and not stale:
+def _refresh_finished(row: dict[str, Any], static: nn.Module, data: Dataset, test: Split, *,
+                      device: str) -> dict[str, Any]:
+    """A finished peer, completed where an older s2d left it short: its test errors when they were not recorded.
+    Only when the checkpoint rebuilds the network whose accuracy the row reports."""
+    if row.get("test_wrong") is not None:
         return row
     student = _finished_student(row, static, data, device=device)
     if student is None:
         return row
     wrong = wrong_images(student, test, data.info, device=device)
-    if abs(1 - len(wrong) / len(test) - row["test_accuracy"]) >= 0.5 / len(test):  # not the same network
-        return row
-    row["test_wrong"] = wrong
-    if stale:
-        log(f"{row['name']}: timed again (its speed was measured in another memory layout)")
-        row.update(paired_figures(reference, deployable(copy.deepcopy(student)), test, data.info, device=device,
-                                  latency_images=latency_images, repeats=repeats), layout=INFERENCE_LAYOUT)
+    if abs(1 - len(wrong) / len(test) - row["test_accuracy"]) < 0.5 / len(test):  # else not the same network
+        row["test_wrong"] = wrong
     return row
 
 
-def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, test: Split, reference: nn.Module,
-             static_macs: float, root: Path, *, device: str, progress: bool, latency_images: int, repeats: int,
-             log: Log) -> dict[str, Any]:
-    """Prune to ``target`` (or rebuild a killed run's student from its checkpoint), KD fine-tune, measure."""
+def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, test: Split, static_macs: float,
+             root: Path, *, device: str, progress: bool, log: Log) -> dict[str, Any]:
+    """Prune to ``target`` (or rebuild a killed run's student from its checkpoint), KD fine-tune, score on test
+    (its speed is timed with every other network of the table, see :func:`run_peers`)."""
     info = data.info
     shape = (info.in_channels, info.image_size, info.image_size)
     key = ratio_key(target)
@@ -274,28 +272,33 @@ def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, te
     finally:
         writer.close()
     macs = static_cost(student, info).total_macs
-    speed = paired_figures(reference, deployable(copy.deepcopy(student)), test, info, device=device,
-                           latency_images=latency_images, repeats=repeats)
     prune_s = float(meta.get("prune_seconds", 0.0))
     return {"name": f"Torch-Pruning 1/{1 / target:.3g}", "kind": "torch-pruning", "key": key,
             "target_ratio": target, "pruning_ratio": meta.get("pruning_ratio"), "test_accuracy": acc,
             "test_wrong": wrong,
             "average_macs": macs, "mac_ratio": macs / static_macs,
             "params": sum(p.numel() for p in student.parameters()),
-            **speed, "speed_source": "measured here", "layout": INFERENCE_LAYOUT, "seconds_budget": seconds,
+            "seconds_budget": seconds,
             "finetune": ft,
             "prune_seconds": prune_s, "cost_seconds": prune_s + ft["seconds"], "checkpoint": str(ckpt)}
 
 
+def _s2d_network(root: Path, config: dict[str, Any], data: Dataset, *, device: str) -> tuple[SuperNet, MultiStageArch]:
+    """The conversion's deployed network, rebuilt from ``checkpoints/dynamic.pt``."""
+    from s2d.pipeline.evaluate import dynamic_from_files
+
+    return dynamic_from_files(data, str(root / "checkpoints" / "dynamic.pt"), model_name=config["model"], arch=None,
+                              tolerance=0.0, device=device)
+
+
 def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], data: Dataset, test: Split,
-                  reference: nn.Module, static_macs: float, *, device: str, latency_images: int, repeats: int
-                  ) -> dict[str, Any]:
-    """The oracle bound and the operating points' paired speed, from ``checkpoints/dynamic.pt``.
+                  static_macs: float, *, device: str) -> dict[str, Any]:
+    """The oracle bound and the test images each operating and budget point gets wrong, from
+    ``checkpoints/dynamic.pt`` (the points' speed is timed with the other networks, see :func:`run_peers`).
 
     Only when the rebuilt network reproduces the report's test accuracy at its thresholds (else
     the figures would be of another network): ``available`` False with the reason otherwise.
     """
-    from s2d.pipeline.evaluate import dynamic_from_files
     from s2d.transform.supernet import is_dynamic_checkpoint
 
     path = root / "checkpoints" / "dynamic.pt"
@@ -303,15 +306,13 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
         return {"available": False, "reason": f"{path} is missing"}
     if not is_dynamic_checkpoint(checkpoint.load(path)):
         return {"available": False, "reason": f"{path} is not a dynamic checkpoint of s2d convert"}
-    supernet, arch = dynamic_from_files(data, str(path), model_name=config["model"], arch=None, tolerance=0.0,
-                                        device=device)
+    supernet, arch = _s2d_network(root, config, data, device=device)
     outs = stage_outputs(supernet, arch, test, data.info, device=device)
     here, there = outs.accuracy(list(arch.thresholds)), report.get("dynamic", {}).get("test_accuracy")
     if there is None or abs(here - there) > 2 / len(test) + 1e-9:
         return {"available": False, "reason": f"{path} scores {here:.4f} on the test images, the report says "
                                               f"{there}; it is not the reported network"}
     costs, _ = stage_macs(supernet.materialise(arch, fold_bn=False).stages, supernet.input_shape)
-    net = supernet.materialise(arch)
     wrong = {"dynamic": wrong_images_at(outs, arch.thresholds)}
     for point in report.get("budget_points", []):
         wrong[f"budget:{point['target_mac_ratio']}"] = wrong_images_at(outs, point["thresholds"])
@@ -320,20 +321,33 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
         if point.get("static_fallback"):  # the static network is the answer there: nothing of s2d's to time
             continue
         wrong[f"tol:{point['tolerance_points']}"] = wrong_images_at(outs, point["thresholds"])
-        net.set_thresholds(point["thresholds"])
-        points.append({"tolerance_points": point["tolerance_points"],
-                       "test_accuracy_here": outs.accuracy(point["thresholds"]),
-                       **paired_figures(reference, net, test, data.info, device=device, latency_images=latency_images,
-                                        repeats=repeats)})
-    budget_points = []  # the budget points are what pruning is compared with: timed here, in today's layout
-    for point in report.get("budget_points", []):
-        net.set_thresholds(point["thresholds"])
-        budget_points.append({"target_mac_ratio": point["target_mac_ratio"],
-                              **paired_figures(reference, net, test, data.info, device=device,
-                                               latency_images=latency_images, repeats=repeats)})
-    return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test), "layout": INFERENCE_LAYOUT,
+        points.append({"tolerance_points": point["tolerance_points"], "thresholds": point["thresholds"],
+                       "test_accuracy_here": outs.accuracy(point["thresholds"])})
+    budget_points = [{"target_mac_ratio": p["target_mac_ratio"], "thresholds": p["thresholds"]}
+                     for p in report.get("budget_points", [])]
+    return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test),
             "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points,
             "budget_points": budget_points, "test_wrong": wrong}
+
+
+def _timed_networks(peers: list[dict[str, Any]], measured: dict[str, Any], root: Path, config: dict[str, Any],
+                    static: nn.Module, data: Dataset, *, device: str) -> dict[str, tuple[dict[str, Any], nn.Module]]:
+    """Every network of the table that has a speed to measure here, deployed, with the record its figures go to:
+    the peers (from their checkpoints) and s2d's operating and budget points (``checkpoints/dynamic.pt``)."""
+    nets: dict[str, tuple[dict[str, Any], nn.Module]] = {}
+    for row in peers:
+        student = _finished_student(row, static, data, device=device)
+        if student is not None:
+            nets[row["name"]] = (row, deployable(student))
+    if measured.get("available"):
+        supernet, arch = _s2d_network(root, config, data, device=device)
+        net = supernet.materialise(arch)
+        for point in measured["operating_points"]:
+            nets[f"s2d @ {point['tolerance_points']} pts"] = (point, net.with_thresholds(point["thresholds"]))
+        for point in measured["budget_points"]:
+            nets[f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x"] = \
+                (point, net.with_thresholds(point["thresholds"]))
+    return nets
 
 
 def _report_speed(row: dict[str, Any], layout: str | None) -> dict[str, Any]:
@@ -352,7 +366,8 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
     rows = []
     layout = report.get("layout")
     wrong = measured.get("test_wrong", {}) if measured.get("available") else {}
-    speed_keys = ("throughput_ratio", "latency_ratio")
+    speed_keys = RATIO_KEYS
+    timed_keys = (*RATIO_KEYS, *(f"{k}_range" for k in RATIO_KEYS))  # as paired_figures_in_rounds gives them
     depth = next((r for r in report.get("rows", []) if r["name"].startswith("depth_only")), None)
     if depth is not None:
         rows.append({"name": "SDN-style depth-only", "kind": "depth_only", "test_accuracy": depth["test_accuracy"],
@@ -376,7 +391,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "tolerance_points": point["tolerance_points"], "test_accuracy": point["test_accuracy"],
                      "average_macs": point["average_macs"], "mac_ratio": point["mac_ratio"],
                      "exit_rates": point.get("exit_rates"),
-                     **({k: sp[k] for k in speed_keys} if sp else dict.fromkeys(speed_keys)),
+                     **({k: sp.get(k) for k in timed_keys} if sp else dict.fromkeys(speed_keys)),
                      "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s,
                      "test_wrong": static_wrong if point.get("static_fallback")
                      else wrong.get(f"tol:{point['tolerance_points']}")})
@@ -387,7 +402,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
         rows.append({"name": f"s2d @ budget {1 / point['target_mac_ratio']:.0f}x", "kind": "s2d",
                      "test_accuracy": point["test_accuracy"], "average_macs": point["average_macs"],
                      "mac_ratio": point["mac_ratio"], "exit_rates": point.get("exit_rates"),
-                     **({k: sp[k] for k in speed_keys} | {"speed_source": "measured here"} if sp
+                     **({k: sp.get(k) for k in timed_keys} | {"speed_source": "measured here"} if sp
                         else _report_speed(point, layout)),
                      "cost_seconds": conversion_s, "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
     if measured.get("available"):
@@ -402,13 +417,17 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
 def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, seconds: float | None = None,
               device: str = "cpu", progress: bool = True, data: Dataset | None = None,
               test_limit: int | None = None, latency_images: int = LATENCY_IMAGES, repeats: int = REPEATS,
-              log: Log | None = None) -> dict[str, Any]:
+              rounds: int = ROUNDS, log: Log | None = None) -> dict[str, Any]:
     """Run (or resume) the peers of the conversion in ``run_dir``; write ``R/peers/peers.{json,md,png}``.
 
     ``ratios`` are the Torch-Pruning peers' target MAC ratios (empty: no peers); ``seconds`` the KD
     fine-tune budget of each (None: as long as the conversion took, see :func:`conversion_seconds`).
     ``data`` (the conversion's split; loaded from its config when None) and ``test_limit`` (test images;
     None: as many as the report used), ``latency_images`` and ``repeats`` exist for quick runs.
+
+    Every call times every deployable network of the table again, together, in ``rounds`` interleaved rounds
+    (:func:`paired_figures_in_rounds`): a peer timed when it finished and an s2d point timed an hour later were
+    not timed on the same machine. Nothing is trained again: peers come back from their checkpoints.
     """
     log = log or (print if progress else (lambda _s: None))
     root = Path(run_dir)
@@ -453,6 +472,8 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     if abs(static_acc - report["static"]["test_accuracy"]) > 1e-6:
         log(f"warning: the static model scores {static_acc * 100:.2f} % here, the report says "
             f"{report['static']['test_accuracy'] * 100:.2f} %; deltas are against {static_acc * 100:.2f} %")
+    if rounds < 1:
+        raise S2DError(f"timing rounds must be >= 1, got {rounds}")
     reference = deployable(copy.deepcopy(static))
 
     def save(extra: dict[str, Any]) -> None:
@@ -468,35 +489,43 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
         key = ratio_key(target)
         if key in finished:
             log(f"Torch-Pruning 1/{1 / target:.3g}: finished before ({finished[key]['test_accuracy'] * 100:.2f} %)")
-            peers.append(_refresh_finished(finished[key], static, data, test, reference, device=device,
-                                           latency_images=latency_images, repeats=repeats, log=log))
+            peers.append(_refresh_finished(finished[key], static, data, test, device=device))
             continue
-        row = _tp_peer(target, float(seconds), static, data, test, reference, static_macs, root, device=device,
-                       progress=progress, latency_images=latency_images, repeats=repeats, log=log)
+        row = _tp_peer(target, float(seconds), static, data, test, static_macs, root, device=device,
+                       progress=progress, log=log)
         finished[key] = row
         peers.append(row)
         save({"peers": list(finished.values())})  # appended as it finishes: a killed run keeps it
-        log(f"{row['name']}: {row['test_accuracy'] * 100:.2f} %, {1 / row['mac_ratio']:.2f}x fewer MACs, "
-            f"throughput x{row['throughput_ratio']:.2f}")
+        log(f"{row['name']}: {row['test_accuracy'] * 100:.2f} %, {1 / row['mac_ratio']:.2f}x fewer MACs")
 
     asked = {ratio_key(r) for r in ratios}
     for key, old in finished.items():  # peers of other ratios finished on this budget stay in the table
         if key not in asked and abs(old["seconds_budget"] - float(seconds)) <= 0.5:
-            peers.append(_refresh_finished(old, static, data, test, reference, device=device,
-                                           latency_images=latency_images, repeats=repeats, log=log))
+            peers.append(_refresh_finished(old, static, data, test, device=device))
     peers.sort(key=lambda p: -p["target_ratio"])
 
     measured = done.get("s2d_measured", {})
     dyn = root / "checkpoints" / "dynamic.pt"
     if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
             and measured.get("test_images") == len(test) and "test_wrong" in measured
-            and measured.get("layout") == INFERENCE_LAYOUT
-            and "budget_points" in measured):  # re-timing the same network adds only noise
-        log("s2d: oracle bound and operating-point speeds from checkpoints/dynamic.pt")
-        measured = _s2d_measured(root, config, report, data, test, reference, static_macs, device=device,
-                                 latency_images=latency_images, repeats=repeats)
+            and all("thresholds" in p for p in measured.get("budget_points", []) + measured["operating_points"])):
+        log("s2d: oracle bound and operating points from checkpoints/dynamic.pt")
+        measured = _s2d_measured(root, config, report, data, test, static_macs, device=device)
         if not measured["available"]:
             log(f"s2d: oracle bound not available: {measured['reason']}")
+
+    nets = _timed_networks(peers, measured, root, config, static, data, device=device)
+    figures = paired_figures_in_rounds(reference, {name: net for name, (_, net) in nets.items()}, test, data.info,
+                                       rounds=rounds, device=device, latency_images=latency_images, repeats=repeats,
+                                       log=log)
+    for name, (record, _) in nets.items():
+        record.update(figures[name], layout=INFERENCE_LAYOUT)
+    for p in peers:
+        p["speed_source"] = "measured here" if p["name"] in nets else None
+        if p["name"] not in nets:  # its checkpoint is gone: no figure rather than one from another time window
+            p.update(dict.fromkeys(RATIO_KEYS))
+    if measured.get("available"):
+        measured["layout"] = INFERENCE_LAYOUT
 
     static_row = {"name": "static", "kind": "static", "test_accuracy": static_acc, "average_macs": static_macs,
                   "mac_ratio": 1.0, "throughput_ratio": 1.0, "latency_ratio": 1.0, "speed_source": "by definition",
@@ -515,8 +544,11 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     return done
 
 
-def _cell(v: float | None, fmt: str) -> str:
-    return "—" if v is None else format(v, fmt)
+def _cell(v: float | None, fmt: str, spread: list[float] | None = None) -> str:
+    """A figure, with its range over timing rounds when it has one."""
+    if v is None:
+        return "—"
+    return format(v, fmt) + ("" if spread is None else f" ({spread[0]:{fmt}}–{spread[1]:{fmt}})")
 
 
 def peers_markdown(res: dict[str, Any]) -> str:
@@ -531,8 +563,10 @@ def peers_markdown(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         cost = r.get("cost_seconds")
         lines.append(f"| {r['name']} | {1 / r['mac_ratio']:.2f}x | {r['test_accuracy'] * 100:.2f} | "
-                     f"{r['accuracy_delta_points']:+.2f} | {_cell(r.get('throughput_ratio'), '.2f')} | "
-                     f"{_cell(r.get('latency_ratio'), '.2f')} | {_cell(None if cost is None else cost / 60, '.1f')} |")
+                     f"{r['accuracy_delta_points']:+.2f} | "
+                     f"{_cell(r.get('throughput_ratio'), '.2f', r.get('throughput_ratio_range'))} | "
+                     f"{_cell(r.get('latency_ratio'), '.2f', r.get('latency_ratio_range'))} | "
+                     f"{_cell(None if cost is None else cost / 60, '.1f')} |")
     lines += ["", "Verdicts (s2d's most accurate point with at least the peer's MAC reduction):", ""]
     lines += [f"- {v['line']}" for v in res["verdicts"]] or ["- no Torch-Pruning peers were run"]
     oracle = res["oracle"]
@@ -543,8 +577,11 @@ def peers_markdown(res: dict[str, Any]) -> str:
     lines += ["", "Speed ratios are wall-clock on this machine, each timed interleaved with the deployed static model "
               "(BN folded, channels-last on the CPU, as s2d's stages): throughput > 1 and latency < 1 are faster; "
               "batch-1 latency is the mean time per image over single test images (each image's fastest of 3 "
-              "paired calls). Sources: Torch-Pruning rows and the s2d operating and budget points are measured here; "
-              "the depth-only and searched + fine-tuned rows come from the conversion's report.json (— where it has "
+              "paired calls). Torch-Pruning rows and the s2d operating and budget points are measured here, together: "
+              "each is timed once per round, on fresh copies, in rounds that interleave all of them, and shows the "
+              "median over rounds with the range in brackets (timed one after the other, minutes apart, the same "
+              "network's ratio moved by up to a third on this machine). "
+              "The depth-only and searched + fine-tuned rows come from the conversion's report.json (— where it has "
               "none, or timed them in another memory layout). Cost: pruning plus fine-tuning for the peers, the whole "
               "conversion for s2d's points (one conversion yields all of them); the depth-only network is a "
               "by-product of the conversion's report (linear-probe exit heads on the static weights).", ""]

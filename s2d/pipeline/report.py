@@ -21,7 +21,7 @@ from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thres
 from s2d.measure.cost import average_macs
 from s2d.measure.guarantee import Certificate, certify, threshold_sequence
 from s2d.measure.latency import LatencyTable
-from s2d.measure.network import dynamic_figures, dynamic_speed
+from s2d.measure.network import exit_figures, paired_figures_in_rounds
 from s2d.measure.timing import deployable
 from s2d.pipeline.format import report_markdown
 from s2d.pipeline.plots import plot_pareto
@@ -35,8 +35,7 @@ BUDGET_RATIOS = (1 / 2, 1 / 3, 1 / 4)  # average-MAC budgets of the budget point
 
 def _row(name: str, arch: MultiStageArch, val: Evaluation, test: dict[str, Any],
          static: dict[str, Any]) -> dict[str, Any]:
-    keep = ("test_accuracy", "average_macs", "exit_rates", "stage_macs", "latency_ms_batch1",
-            "throughput_img_s_batch256", "latency_ratio", "throughput_ratio")
+    keep = ("test_accuracy", "average_macs", "exit_rates", "stage_macs")
     return {
         "name": name,
         "arch": arch.to_dict(),
@@ -162,13 +161,18 @@ def cheapest_points(points: dict[str, list[dict[str, Any]]]) -> list[dict[str, A
 
 
 class RowMeter:
-    """Measures report rows against one static reference on one test subset."""
+    """Measures report rows against one static reference on one test subset.
+
+    Accuracy figures are measured as rows come; speed is timed at the end (:meth:`time_rows`), for every row and
+    budget point together, in interleaved rounds: rows timed one after the other, minutes apart, are not timed on
+    the same machine (``paired_figures_in_rounds``)."""
 
     def __init__(self, static_model: nn.Module, static: dict[str, Any], data: Dataset, *, device: str = "cpu",
-                 limit: int | None = None, repeats: int = 20, latency_images: int = 200) -> None:
+                 limit: int | None = None, repeats: int = 20, latency_images: int = 200, rounds: int = 1) -> None:
         self.static, self.data, self.device, self.limit = static, data, device, limit
-        self.repeats, self.latency_images = repeats, latency_images
+        self.repeats, self.latency_images, self.rounds = repeats, latency_images, rounds
         self.reference = deployable(copy.deepcopy(static_model))
+        self._timed: dict[str, tuple[dict[str, Any], nn.Module]] = {}  # record -> the deployed network it times
 
     def test_outputs(self, ev: ArchEvaluator, arch: MultiStageArch) -> StageOutputs:
         return stage_outputs(ev.network_for(arch), arch, self.data.test.subset(self.limit), self.data.info,
@@ -176,26 +180,37 @@ class RowMeter:
 
     def row(self, name: str, chooser: ThresholdChooser, arch: MultiStageArch,
             test: StageOutputs | None = None) -> tuple[dict[str, Any], MultiStageArch]:
-        """The row of ``arch`` with thresholds from ``chooser`` (held-out data), figures on test."""
+        """The row of ``arch`` with thresholds from ``chooser`` (held-out data), figures on test; its speed
+        figures are added by :meth:`time_rows`."""
         tuned, cert = chooser.choose(arch)
         e = chooser.calib.score(tuned, chooser.outputs("calib", tuned), chooser.calib.stage_costs(tuned))
         test = test if test is not None else self.test_outputs(chooser.calib, arch)
-        figures = dynamic_figures(chooser.calib.network_for(tuned).materialise(tuned), test, e.stage_macs,
-                                  self.reference, self.data, device=self.device, limit=self.limit,
-                                  repeats=self.repeats, latency_images=self.latency_images)
-        return {**_row(name, tuned, e, figures, self.static), "certificate": cert.to_dict() if cert else None}, tuned
+        row = {**_row(name, tuned, e, exit_figures(tuned, test, e.stage_macs), self.static),
+               "certificate": cert.to_dict() if cert else None}
+        self._timed[name] = (row, chooser.calib.network_for(tuned).materialise(tuned))
+        return row, tuned
 
     def budget_points(self, chooser: ThresholdChooser, arch: MultiStageArch, test: StageOutputs
                       ) -> list[dict[str, Any]]:
-        """``chooser``'s budget points of ``arch``, each with its paired speed: a MAC budget is a promise
-        about cost, so the report shows what the MACs spent there become in time."""
+        """``chooser``'s budget points of ``arch``; :meth:`time_rows` adds their paired speed: a MAC budget is a
+        promise about cost, so the report shows what the MACs spent there become in time."""
         points = chooser.budget_points(arch, test, self.static)
         net = chooser.calib.network_for(arch).materialise(arch)
         for point in points:
-            net.set_thresholds(point["thresholds"])
-            point.update(dynamic_speed(net, self.reference, self.data, device=self.device, limit=self.limit,
-                                       latency_images=self.latency_images, repeats=self.repeats))
+            self._timed[f"budget {point['target_mac_ratio']}"] = (point, net.with_thresholds(point["thresholds"]))
         return points
+
+    def time_rows(self) -> None:
+        """Time every row and budget point measured so far against the static model, together in ``rounds``
+        rounds, and add the figures to them (with their range over the rounds)."""
+        per_round = max(1, self.repeats // 2 // self.rounds)  # batch-256 calls: about the same in all as one round
+        figures = paired_figures_in_rounds(self.reference, {k: net for k, (_, net) in self._timed.items()},
+                                           self.data.test.subset(self.limit), self.data.info, rounds=self.rounds,
+                                           device=self.device, latency_images=self.latency_images,
+                                           repeats=per_round)
+        for key, (record, _) in self._timed.items():
+            record.update(figures[key])
+        self._timed.clear()
 
 
 def write_report(run_root: Path, report: dict[str, Any], archive_records: list[dict[str, Any]]) -> None:

@@ -85,6 +85,10 @@ class DynamicNet(nn.Module):
     def set_thresholds(self, thresholds: list[float] | tuple[float, ...]) -> None:
         self.arch = self.arch.with_thresholds(thresholds)
 
+    def with_thresholds(self, thresholds: list[float] | tuple[float, ...]) -> DynamicNet:
+        """The same stages (shared, not copied) exiting at other thresholds: one network's operating points."""
+        return DynamicNet(self.arch.with_thresholds(thresholds), list(self.stages), self.cache_in, self.cache_out)
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, K) and the 0-based stage each sample exited at (N,)."""
