@@ -108,11 +108,14 @@ def paired_figures_in_rounds(reference: nn.Module, candidates: dict[str, nn.Modu
 
 
 def dynamic_speed(net: DynamicNet, reference: nn.Module, data: Dataset, *, device: str = "cpu",
-                  limit: int | None = None, latency_images: int = 200, repeats: int = 20) -> dict[str, float]:
+                  limit: int | None = None, latency_images: int = 200, repeats: int = 20, rounds: int = 3
+                  ) -> dict[str, Any]:
     """:func:`paired_figures` of ``net`` with real early exits against ``reference`` (the deployed static
-    model), with half of ``repeats`` at batch 256."""
-    return paired_figures(reference, net.to(device).eval(), data.test.subset(limit), data.info, device=device,
-                          latency_images=latency_images, repeats=max(1, repeats // 2))
+    model), in ``rounds`` rounds on fresh copies (one pair of copies of the same network can differ by a
+    third under load), with half of ``repeats`` at batch 256 in all."""
+    return paired_figures_in_rounds(reference, {"net": net.to(device).eval()}, data.test.subset(limit), data.info,
+                                    rounds=rounds, device=device, latency_images=latency_images,
+                                    repeats=max(1, repeats // 2 // rounds))["net"]
 
 
 def exit_figures(arch: MultiStageArch, test: StageOutputs, costs: list[float]) -> dict[str, Any]:
