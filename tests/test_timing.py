@@ -156,3 +156,11 @@ def test_a_table_is_timed_together_in_rounds_on_fresh_copies():
         assert lo <= f["throughput_ratio"] <= hi and f["timing_rounds"] == 3
     with pytest.raises(ValueError, match="rounds"):
         paired_figures_in_rounds(_Sleeper(1), {}, test, info, rounds=0)
+
+
+def test_timing_keeps_freed_memory_in_the_process():
+    """glibc accepts the allocator settings (a value above its limits would be refused, and timing would pay
+    page faults again); repeated calls are free."""
+    from s2d.measure.timing import steady_allocator
+
+    assert steady_allocator() is True and steady_allocator() is True
