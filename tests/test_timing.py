@@ -84,11 +84,14 @@ def test_deployable_folds_batch_norm_and_lays_convs_out_channels_last_without_ch
         torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_static_network_against_itself_is_a_tie_on_a_busy_machine():
     """The same network timed against itself while another thread loads the CPU: paired medians over rounds
     on fresh copies stay near 1, where two separate loops drift by up to 1.9x. (One pair of copies is not
     enough: under load two copies of one network have differed by up to 1.4x, so a table's protocol,
-    ``paired_figures_in_rounds``, is what is tested.)"""
+    ``paired_figures_in_rounds``, is what is tested.) Slow: beside a second test worker the machine runs three
+    busy threads on two cores, and there even the rounds read 0.81 once; the protocol itself is tested by
+    ``test_a_table_is_timed_together_in_rounds_on_fresh_copies``, and speed targets live in ``s2d bench``."""
     from s2d.data import Split
     from s2d.measure.network import paired_figures_in_rounds
 
