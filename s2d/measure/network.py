@@ -7,6 +7,7 @@ real early exits, timed interleaved with the deployed static model.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -87,8 +88,6 @@ def paired_figures_in_rounds(reference: nn.Module, candidates: dict[str, nn.Modu
     ±10 %, and networks of other shapes (memory- against compute-bound) move differently. The same pruned
     network read x2.41 in one process and x3.21 in the next. Rounds put every network in the same time window,
     and fresh copies sample the per-copy spread instead of keeping one draw."""
-    import copy
-
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     names = list(candidates)

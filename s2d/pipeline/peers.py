@@ -21,6 +21,7 @@ timed in another memory layout than today's deployed networks). Outputs:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -291,8 +292,8 @@ def _s2d_network(root: Path, config: dict[str, Any], data: Dataset, *, device: s
                               tolerance=0.0, device=device)
 
 
-def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], data: Dataset, test: Split,
-                  static_macs: float, *, device: str) -> dict[str, Any]:
+def _s2d_measured(root: Path, report: dict[str, Any], data: Dataset, test: Split, static_macs: float,
+                  network: Callable[[], tuple[SuperNet, MultiStageArch]], *, device: str) -> dict[str, Any]:
     """The oracle bound and the test images each operating and budget point gets wrong, from
     ``checkpoints/dynamic.pt`` (the points' speed is timed with the other networks, see :func:`run_peers`).
 
@@ -306,7 +307,7 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
         return {"available": False, "reason": f"{path} is missing"}
     if not is_dynamic_checkpoint(checkpoint.load(path)):
         return {"available": False, "reason": f"{path} is not a dynamic checkpoint of s2d convert"}
-    supernet, arch = _s2d_network(root, config, data, device=device)
+    supernet, arch = network()
     outs = stage_outputs(supernet, arch, test, data.info, device=device)
     here, there = outs.accuracy(list(arch.thresholds)), report.get("dynamic", {}).get("test_accuracy")
     if there is None or abs(here - there) > 2 / len(test) + 1e-9:
@@ -330,8 +331,9 @@ def _s2d_measured(root: Path, config: dict[str, Any], report: dict[str, Any], da
             "budget_points": budget_points, "test_wrong": wrong}
 
 
-def _timed_networks(peers: list[dict[str, Any]], measured: dict[str, Any], root: Path, config: dict[str, Any],
-                    static: nn.Module, data: Dataset, *, device: str) -> dict[str, tuple[dict[str, Any], nn.Module]]:
+def _timed_networks(peers: list[dict[str, Any]], measured: dict[str, Any],
+                    network: Callable[[], tuple[SuperNet, MultiStageArch]], static: nn.Module, data: Dataset, *,
+                    device: str) -> dict[str, tuple[dict[str, Any], nn.Module]]:
     """Every network of the table that has a speed to measure here, deployed, with the record its figures go to:
     the peers (from their checkpoints) and s2d's operating and budget points (``checkpoints/dynamic.pt``)."""
     nets: dict[str, tuple[dict[str, Any], nn.Module]] = {}
@@ -340,7 +342,7 @@ def _timed_networks(peers: list[dict[str, Any]], measured: dict[str, Any], root:
         if student is not None:
             nets[row["name"]] = (row, deployable(student))
     if measured.get("available"):
-        supernet, arch = _s2d_network(root, config, data, device=device)
+        supernet, arch = network()
         net = supernet.materialise(arch)
         for point in measured["operating_points"]:
             nets[f"s2d @ {point['tolerance_points']} pts"] = (point, net.with_thresholds(point["thresholds"]))
@@ -366,7 +368,6 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
     rows = []
     layout = report.get("layout")
     wrong = measured.get("test_wrong", {}) if measured.get("available") else {}
-    speed_keys = RATIO_KEYS
     timed_keys = (*RATIO_KEYS, *(f"{k}_range" for k in RATIO_KEYS))  # as paired_figures_in_rounds gives them
     depth = next((r for r in report.get("rows", []) if r["name"].startswith("depth_only")), None)
     if depth is not None:
@@ -391,7 +392,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "tolerance_points": point["tolerance_points"], "test_accuracy": point["test_accuracy"],
                      "average_macs": point["average_macs"], "mac_ratio": point["mac_ratio"],
                      "exit_rates": point.get("exit_rates"),
-                     **({k: sp.get(k) for k in timed_keys} if sp else dict.fromkeys(speed_keys)),
+                     **({k: sp.get(k) for k in timed_keys} if sp else dict.fromkeys(RATIO_KEYS)),
                      "speed_source": "measured here" if sp else None, "cost_seconds": conversion_s,
                      "test_wrong": static_wrong if point.get("static_fallback")
                      else wrong.get(f"tol:{point['tolerance_points']}")})
@@ -408,7 +409,7 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
     if measured.get("available"):
         o = measured["oracle"]
         rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle", **o,
-                     **dict.fromkeys(speed_keys), "speed_source": None, "cost_seconds": None})
+                     **dict.fromkeys(RATIO_KEYS), "speed_source": None, "cost_seconds": None})
     for r in rows:
         r["accuracy_delta_points"] = (r["test_accuracy"] - static_acc) * 100
     return rows
@@ -435,6 +436,8 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     for r in ratios:
         if not (isinstance(r, (int, float)) and 0 < r < 1):
             raise S2DError(f"a peer's MAC ratio must be in (0, 1) (e.g. 0.5 for 2x fewer MACs), got {r}")
+    if rounds < 1:
+        raise S2DError(f"timing rounds must be >= 1, got {rounds}; pass --rounds 1 or more")
     if len({ratio_key(r) for r in ratios}) != len(ratios):
         raise S2DError(f"MAC ratios {list(ratios)} repeat one; give each once")
     conversion_s, conversion_how = conversion_seconds(root)
@@ -472,8 +475,6 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     if abs(static_acc - report["static"]["test_accuracy"]) > 1e-6:
         log(f"warning: the static model scores {static_acc * 100:.2f} % here, the report says "
             f"{report['static']['test_accuracy'] * 100:.2f} %; deltas are against {static_acc * 100:.2f} %")
-    if rounds < 1:
-        raise S2DError(f"timing rounds must be >= 1, got {rounds}")
     reference = deployable(copy.deepcopy(static))
 
     def save(extra: dict[str, Any]) -> None:
@@ -504,17 +505,18 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
             peers.append(_refresh_finished(old, static, data, test, device=device))
     peers.sort(key=lambda p: -p["target_ratio"])
 
+    s2d_network = functools.cache(lambda: _s2d_network(root, config, data, device=device))  # built once, if at all
     measured = done.get("s2d_measured", {})
     dyn = root / "checkpoints" / "dynamic.pt"
     if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
             and measured.get("test_images") == len(test) and "test_wrong" in measured
             and all("thresholds" in p for p in measured.get("budget_points", []) + measured["operating_points"])):
         log("s2d: oracle bound and operating points from checkpoints/dynamic.pt")
-        measured = _s2d_measured(root, config, report, data, test, static_macs, device=device)
+        measured = _s2d_measured(root, report, data, test, static_macs, s2d_network, device=device)
         if not measured["available"]:
             log(f"s2d: oracle bound not available: {measured['reason']}")
 
-    nets = _timed_networks(peers, measured, root, config, static, data, device=device)
+    nets = _timed_networks(peers, measured, s2d_network, static, data, device=device)
     figures = paired_figures_in_rounds(reference, {name: net for name, (_, net) in nets.items()}, test, data.info,
                                        rounds=rounds, device=device, latency_images=latency_images, repeats=repeats,
                                        log=log)
