@@ -146,7 +146,8 @@ def test_pick_ships_the_point_without_searching_and_leaves_r_alone(parent, capsy
             assert (r["accuracy"], r["average_macs"]) == (by_key[r["key"]]["accuracy"],
                                                           by_key[r["key"]]["average_macs"])
     main_records = [r for r in rescored if r["searcher"] in ("random", "seed")]
-    best = choose_arch(main_records) or choose_arch(rescored)
+    n = parent["val_images"]  # the one-standard-error rule reads how many images the MAC ratios were measured on
+    best = choose_arch(main_records, images=n) or choose_arch(rescored, images=n)
     if best is None:
         assert state["search"]["fallback"] and state["search"]["best"]["fallback"]
     else:

@@ -443,3 +443,30 @@ def test_the_chosen_arch_keeps_the_tolerance_when_any_does():
     infeasible = [r for r in recs if not r["meets_target"]]
     assert choose_arch(infeasible) is None  # none keeps the tolerance: the caller ships one that does
     assert choose_arch(infeasible, must_meet=False)["key"] == "near"  # budget mode: the nearest
+
+
+def _scored(key: str, stages: int, mac_ratio: float, exit_first: float, meets: bool = True) -> dict:
+    """A tolerance-mode record: a narrow first stage, then stages splitting the rest of the MACs."""
+    static = 100.0
+    first = mac_ratio * static - (1 - exit_first) * static  # the images going on pay the static MACs in all
+    stage_macs = [first] + [static / (stages - 1)] * (stages - 1) if stages > 1 else [mac_ratio * static]
+    rates = [exit_first] + [0.0] * (stages - 2) + [1 - exit_first] if stages > 1 else [1.0]
+    return {"key": key, "reward": 1 - mac_ratio, "meets_target": meets, "mac_ratio": mac_ratio,
+            "average_macs": mac_ratio * static, "stage_macs": stage_macs, "exit_rates": rates,
+            "arch": {"stages": [{}] * stages}}
+
+
+def test_near_ties_of_the_proxy_go_to_the_arch_with_fewer_stages():
+    """The one-standard-error rule: a MAC ratio within the noise of the best's buys nothing, fewer stages do."""
+    from s2d.pipeline.convert import choose_arch, mac_ratio_standard_error
+
+    best, cascade = _scored("four", 4, 0.3895, 0.85), _scored("two", 2, 0.3939, 0.78)
+    far = _scored("two-far", 2, 0.45, 0.7)
+    recs = [best, cascade, far, _scored("one-infeasible", 1, 0.25, 1.0, meets=False)]
+    se = mac_ratio_standard_error(best, 2000)
+    assert 0.005 < se < 0.02  # 15 % of the images pay the whole network on top: about 0.36 x sqrt(1/2000)
+    assert mac_ratio_standard_error(best, 8000) == pytest.approx(se / 2)
+    assert choose_arch(recs)["key"] == "four"  # no image count: the best reward, as before
+    assert choose_arch(recs, images=2000)["key"] == "two"
+    assert choose_arch(recs, images=200_000)["key"] == "four"  # measured that precisely, 0.0044 is a real gap
+    assert choose_arch([best, far], images=2000)["key"] == "four"  # outside the noise: the best reward

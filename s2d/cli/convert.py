@@ -17,7 +17,8 @@ def config_from_args(args: argparse.Namespace):
 
     return ConvertConfig(model=args.model, dataset=args.dataset, weights=args.weights, algo=args.algo,
                          budget=args.budget, tolerance=args.tolerance, objective=args.objective, cost=args.cost,
-                         search_thresholds=args.search_thresholds, max_stages=args.max_stages, bn=args.bn,
+                         search_thresholds=args.search_thresholds, exit_gates=args.exit_gates,
+                         max_stages=args.max_stages, bn=args.bn,
                          importance=args.importance, target_mac_ratio=args.target_mac_ratio,
                          target_macs=args.target_macs, target_latency_ms=args.target_latency_ms,
                          confidence=args.confidence, calib_size=args.calib_size, seed=args.seed,
@@ -155,6 +156,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
                         "search or the fine-tune (default: half of --val-size)")
     p.add_argument("--search-thresholds", action="store_true",
                    help="search exit thresholds with the arch (EDANAS) instead of calibrating them")
+    p.add_argument("--exit-gates", action="store_true",
+                   help="let a logistic gate per exit, fitted on the search's validation images to the images an exit "
+                        "would lose, decide who leaves instead of the exit rule's softmax (see README: Exit gates)")
     p.add_argument("--max-stages", type=int, choices=(2, 3, 4), default=4)
     p.add_argument("--bn", choices=("batch", "frozen"), default="batch",
                    help="batch-norm statistics in supernet training: per arch (batch) or the static ones (frozen)")

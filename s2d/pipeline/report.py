@@ -81,8 +81,8 @@ class ThresholdChooser:
         self._outputs: dict[tuple[str, str], StageOutputs] = {}
 
     def outputs(self, split: str, arch: MultiStageArch) -> StageOutputs:
-        """Stage outputs of ``arch`` on ``"val"`` or ``"calib"``, computed once per (split, arch, temperatures)."""
-        key = (split, arch.key() + str(arch.temperatures))
+        """Stage outputs of ``arch`` on ``"val"`` or ``"calib"``, computed once per (split, arch, exit parameters)."""
+        key = (split, arch.key() + arch.exit_params())
         if key not in self._outputs:
             self._outputs[key] = (self.val if split == "val" else self.calib).stage_outputs(arch)
         return self._outputs[key]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from s2d.errors import ArchError, S2DError
-from s2d.transform.exit_rule import check_thresholds, confidence
+from s2d.transform.exit_rule import check_thresholds, confidence, gate_confidence
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, Rule
 
 WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
@@ -62,6 +62,9 @@ class MultiStageArch:
     # per-stage softmax temperatures (empty: all 1), fitted on held-out data so that a confidence means the
     # same at every exit; exit decisions read the confidence of logits / temperature
     temperatures: tuple[float, ...] = field(default=())
+    # per-stage learned exit gates (empty: the exit rule decides), one weight vector for every stage but the last,
+    # fitted on held-out data after the search; a gated stage's confidence is the gate's, on logits / temperature
+    gates: tuple[tuple[float, ...], ...] = field(default=())
 
     @property
     def num_stages(self) -> int:
@@ -109,29 +112,40 @@ class MultiStageArch:
             reuse = flags[0] if len(set(flags)) == 1 else tuple(flags)
             stages.append(Stage(s.width, s.exit, reuse, s.recompute))
             prev_w, prev_e = s.width, graph.exit(s.exit).index
-        return MultiStageArch(tuple(stages), self.exit_rule, self.thresholds, self.temperatures)
+        return replace(self, stages=tuple(stages))
 
     def to_dict(self) -> dict[str, Any]:
         d = {"stages": [s.to_dict() for s in self.stages], "exit_rule": self.exit_rule,
              "thresholds": list(self.thresholds)}
         if self.temperatures:
             d["temperatures"] = list(self.temperatures)
+        if self.gates:
+            d["gates"] = [list(g) for g in self.gates]
         return d
 
     def confidence(self, stage: int, logits: torch.Tensor) -> torch.Tensor:
         """Stage ``stage``'s exit-rule confidence, after its temperature."""
         if self.temperatures:
             logits = logits / self.temperatures[stage]
+        if stage < len(self.gates):  # the last stage has no gate: nobody goes on from it
+            return gate_confidence(logits, self.gates[stage])
         return confidence(self.exit_rule, logits)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def with_thresholds(self, thresholds: list[float] | tuple[float, ...]) -> MultiStageArch:
-        return MultiStageArch(self.stages, self.exit_rule, tuple(float(t) for t in thresholds), self.temperatures)
+        return replace(self, thresholds=tuple(float(t) for t in thresholds))
 
     def with_temperatures(self, temperatures: list[float] | tuple[float, ...]) -> MultiStageArch:
-        return MultiStageArch(self.stages, self.exit_rule, self.thresholds, tuple(float(t) for t in temperatures))
+        return replace(self, temperatures=tuple(float(t) for t in temperatures))
+
+    def with_gates(self, gates: list[list[float]] | tuple[tuple[float, ...], ...]) -> MultiStageArch:
+        return replace(self, gates=tuple(tuple(float(w) for w in g) for g in gates))
+
+    def exit_params(self) -> str:
+        """Identity of everything besides the stages and thresholds that decides exits (temperatures, gates)."""
+        return json.dumps([self.exit_rule, list(self.temperatures), [list(g) for g in self.gates]])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MultiStageArch:
@@ -170,7 +184,16 @@ class MultiStageArch:
             isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in temps
         ) or (temps and len(temps) != len(stages)):
             raise ArchError(f"temperatures must be a list of {len(stages)} positive numbers (one per stage)")
-        return cls(tuple(stages), rule, tuple(float(t) for t in thresholds), tuple(float(t) for t in temps))
+        gates = d.get("gates", [])
+        if not isinstance(gates, list) or (gates and len(gates) != len(stages) - 1) or not all(
+            isinstance(g, list) and g and len({len(h) for h in gates}) == 1 and all(
+                isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in g)
+            for g in gates
+        ):
+            raise ArchError(f"gates must be a list of {len(stages) - 1} equally long lists of numbers (one per stage "
+                            "but the last), as s2d convert writes them")
+        return cls(tuple(stages), rule, tuple(float(t) for t in thresholds), tuple(float(t) for t in temps),
+                   tuple(tuple(float(w) for w in g) for g in gates))
 
     @classmethod
     def load(cls, path: str | Path) -> MultiStageArch:

@@ -55,6 +55,38 @@ def confidence(rule: str, logits: torch.Tensor) -> torch.Tensor:
     return EXIT_RULES[rule](logits)
 
 
+GATE_TOP = 3  # sorted probabilities a gate reads
+
+
+def gate_features(logits: torch.Tensor) -> torch.Tensor:
+    """What an exit gate reads of a stage's (tempered) logits: the log-odds of the top probability, the top
+    ``GATE_TOP`` probabilities, the entropy, the predicted class (one-hot) and its log-odds per class.
+
+    The per-class terms are what a single confidence threshold lacks: a stage that calls an image a trouser is
+    right at a lower softmax than one that calls it a shirt, so the gate learns one scale per predicted class."""
+    p = logits.float().softmax(-1)
+    top = p.topk(min(GATE_TOP, p.shape[-1]), dim=-1).values
+    if top.shape[-1] < GATE_TOP:
+        top = torch.nn.functional.pad(top, (0, GATE_TOP - top.shape[-1]))
+    p1 = top[..., :1].clamp(1e-7, 1 - 1e-7)
+    log_odds = p1.log() - (-p1).log1p()
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1, keepdim=True)
+    onehot = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+    return torch.cat([log_odds, top, ent, onehot, onehot * log_odds], -1)
+
+
+def gate_size(num_classes: int) -> int:
+    """Weights of one gate: a bias and one per feature of :func:`gate_features`."""
+    return 1 + 2 + GATE_TOP + 2 * num_classes
+
+
+def gate_confidence(logits: torch.Tensor, weights: tuple[float, ...] | list[float]) -> torch.Tensor:
+    """A learned exit rule (EDANAS searches the rule's parameters; here they are fitted): the gate's probability
+    that letting the sample out here costs no accuracy, in [0, 1] like every confidence."""
+    w = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
+    return torch.sigmoid(gate_features(logits) @ w[1:] + w[0])
+
+
 def exit_stages(confidences: torch.Tensor, thresholds: list[float] | tuple[float, ...]) -> torch.Tensor:
     """Stage index (0-based) at which each sample exits, from per-stage confidences (S, N).
 

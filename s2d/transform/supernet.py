@@ -25,9 +25,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from s2d.errors import ArchError
 from s2d.transform.arch import WIDTH_GRID, MultiStageArch
 from s2d.transform.dynamic import DynamicNet
-from s2d.transform.exit_rule import NEVER_EXIT
+from s2d.transform.exit_rule import NEVER_EXIT, gate_size
 from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, analyze
 from s2d.transform.sliced import ExitHead, FrozenModule
 from s2d.transform.stages import StagePlan, build_stages, head_key, materialise
@@ -88,6 +89,9 @@ class SuperNet(nn.Module):
         return self.graph.input_shape
 
     def validate(self, arch: MultiStageArch) -> MultiStageArch:
+        if arch.gates and len(arch.gates[0]) != gate_size(self.num_classes):
+            raise ArchError(f"the arch's exit gates read {len(arch.gates[0])} weights but a {self.num_classes}-class "
+                            f"network's gates have {gate_size(self.num_classes)}; the arch is from another model")
         return arch.validate(self.graph)
 
     def plan(self, arch: MultiStageArch) -> StagePlan:
