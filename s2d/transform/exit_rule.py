@@ -60,7 +60,7 @@ GATE_TOP = 3  # sorted probabilities a gate reads
 
 def gate_features(logits: torch.Tensor) -> torch.Tensor:
     """What an exit gate reads of a stage's (tempered) logits: the log-odds of the top probability, the top
-    ``GATE_TOP`` probabilities, the entropy, the predicted class (one-hot) and its log-odds per class.
+    ``GATE_TOP`` probabilities, the entropy rule's confidence, the predicted class (one-hot) and its log-odds per class.
 
     The per-class terms are what a single confidence threshold lacks: a stage that calls an image a trouser is
     right at a lower softmax than one that calls it a shirt, so the gate learns one scale per predicted class."""
@@ -70,7 +70,7 @@ def gate_features(logits: torch.Tensor) -> torch.Tensor:
         top = torch.nn.functional.pad(top, (0, GATE_TOP - top.shape[-1]))
     p1 = top[..., :1].clamp(1e-7, 1 - 1e-7)
     log_odds = p1.log() - (-p1).log1p()
-    ent = -(p * p.clamp_min(1e-12).log()).sum(-1, keepdim=True)
+    ent = entropy(logits)[..., None]
     onehot = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
     return torch.cat([log_odds, top, ent, onehot, onehot * log_odds], -1)
 
