@@ -253,6 +253,11 @@ def test_pipeline_supernet_and_search_phases(tmp_path, tiny_run, quick_data, mon
     # a wide tolerance: every arch keeps it (the tiny model is weak), and 300 calibration images can certify it
     cfg = ConvertConfig(weights=str(tiny_run["model_pt"]), budget="tiny", val_size=quick_data.val_size, tolerance=50)
     p = Pipeline(cfg, tmp_path, progress=False, data=quick_data)
+    # the distillation target is the static model as deployed (BN folded, channels-last): the same logits
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(p.teacher(x), p.static.eval()(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in p.teacher.modules())
     p.supernet_phase()
     ckpt = tmp_path / "checkpoints" / "supernet.pt"
     state = checkpoint.load(ckpt)

