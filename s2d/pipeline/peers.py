@@ -264,8 +264,8 @@ def _tp_peer(target: float, seconds: float, static: nn.Module, data: Dataset, te
             f"{pruned.mac_ratio:.3f} of the MACs; KD fine-tune for {seconds:.0f} s")
     writer = SummaryWriter(str(root / "tensorboard" / f"peers_{key}"))
     try:
-        ft = kd_finetune(student, deployable(static), data, seconds=seconds, checkpoint_path=ckpt, metadata=meta, writer=writer,
-                         progress=progress, device=device, tag=f"peers_{key}")
+        ft = kd_finetune(student, deployable(static), data, seconds=seconds, checkpoint_path=ckpt, metadata=meta,
+                         writer=writer, progress=progress, device=device, tag=f"peers_{key}")
         student.eval()
         wrong = wrong_images(student, test, info, device=device)
         acc = 1 - len(wrong) / len(test)
