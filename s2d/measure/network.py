@@ -63,9 +63,9 @@ def paired_figures(reference: Forward, candidate: Forward, test: Split, info: Da
     only every n-th of those images from the i-th (one round's share of them)."""
     x256 = next(iter(Batches(test.subset(max(latency_images, 256)), info, 256, device=device)))[0]
     thr = paired_speed(reference, candidate, x256, repeats=repeats)
-    part, parts = latency_share
     images = x256[:latency_images]
-    images = images[part % min(parts, len(images))::min(parts, len(images))]
+    parts = min(latency_share[1], len(images))  # more rounds than images: some images are timed twice
+    images = images[latency_share[0] % parts::parts]
     lat = expected_latency(reference, candidate, images.split(1))
     return {
         "latency_images": len(images),
