@@ -256,3 +256,5 @@ def test_the_sandwich_trains_pruned_networks_at_distinct_widths_every_batch(sn):
     assert largest.key() == MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "output"}]}).key()
     assert smallest == space.smallest() and len(rest) == 2
     assert len(SearchSpace(sn.graph, min_stages=2).sandwich()(rng)) == 1  # no one-stage archs in that space
+    pruned_only = space.sandwich(pruned=3, random_archs=0)(rng)  # the small budget's steps
+    assert len(pruned_only) == 3 and all(a.num_stages == 1 and a.stages[0].width < 1 for a in pruned_only)

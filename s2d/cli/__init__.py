@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from s2d import distributed
 from s2d.cli import bench, convert, evaluate, train, transform, zoo
-from s2d.cli.args import set_threads
+from s2d.cli.args import keep_freed_memory, set_threads
 from s2d.errors import S2DError
 
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        keep_freed_memory()
         set_threads(args)
         _join_ranks(args)
         return func(args)
