@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import s2d.measure.network as network
+from s2d.allocator import keep_freed_memory
 from s2d.data import Dataset, load_dataset
 from s2d.models import get_model
 from s2d.training.static import TrainConfig, train_static
@@ -20,6 +21,7 @@ from s2d.transform.supernet import SuperNet
 
 THREADS = int(os.environ.get("S2D_TEST_THREADS", "1"))
 torch.set_num_threads(THREADS)
+keep_freed_memory()  # the suite's processes allocate as every CLI command does
 
 # The tiny run every test file shares: 2 epochs on 512 training images.
 TINY_CFG = dict(model="resnet20", dataset="fashion-mnist", epochs=2, batch_size=32, optimizer="adamw", lr=3e-3,

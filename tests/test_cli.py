@@ -181,28 +181,3 @@ def test_eval_with_a_checkpoint_of_another_model(cli_run):
     weights = cli_run / "checkpoints" / "model.pt"
     assert_one_line_error(s2d("eval", "--model", "mobilenetv2", "--weights", str(weights), "--threads", "1"),
                           "'resnet20'", "--model resnet20")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_the_cli_keeps_freed_tensor_memory_for_reuse():
-    """After a 256 MiB tensor is freed, glibc by default hands it back (the next one is page-faulted in
-    again); with ``keep_freed_memory`` the process keeps it."""
-    probe = textwrap.dedent("""
-        import sys, torch
-        from s2d.cli.args import keep_freed_memory
-        took = keep_freed_memory() if sys.argv[1] == "keep" else None
-        def rss():
-            return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-        before = rss()
-        x = torch.ones(64 * 2**20)  # 256 MiB, touched
-        del x
-        print(took, rss() - before)
-    """)
-    kept = {}
-    for mode in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
-        took, mib = out.stdout.split()
-        kept[mode] = float(mib)
-        if mode == "keep":
-            assert took == "True"
-    assert kept["default"] < 64 and kept["keep"] > 200, kept

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # From the ground up; a module may import its own layer and the ones before it.
 LAYERS: list[tuple[str, ...]] = [
-    ("s2d.errors", "s2d.checkpoint", "s2d.runs", "s2d.data", "s2d.distributed", "s2d"),
+    ("s2d.errors", "s2d.allocator", "s2d.checkpoint", "s2d.runs", "s2d.data", "s2d.distributed", "s2d"),
     ("s2d.models",),
     ("s2d.transform",),
     ("s2d.measure",),

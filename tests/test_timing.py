@@ -185,11 +185,3 @@ def test_rounds_share_the_batch_1_images_instead_of_timing_each_in_every_round()
                                    repeats=1)["n"]
     assert fig["latency_images"] == 6
     assert _Counter.single_calls == 6 * (1 + 3)  # each image once over the rounds: a warm-up and 3 timed calls
-
-
-def test_timing_keeps_freed_memory_in_the_process():
-    """glibc accepts the allocator settings (a value above its limits would be refused, and timing would pay
-    page faults again); repeated calls are free."""
-    from s2d.measure.timing import steady_allocator
-
-    assert steady_allocator() is True and steady_allocator() is True

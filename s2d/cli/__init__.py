@@ -13,8 +13,9 @@ import warnings
 from collections.abc import Callable
 
 from s2d import distributed
+from s2d.allocator import keep_freed_memory
 from s2d.cli import bench, convert, evaluate, train, transform, zoo
-from s2d.cli.args import keep_freed_memory, set_threads
+from s2d.cli.args import set_threads
 from s2d.errors import S2DError
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
-import sys
 from collections.abc import Callable
 
 from s2d.errors import S2DError
@@ -58,27 +56,6 @@ def set_threads(args: argparse.Namespace) -> None:
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's allocator to keep freed memory for the next tensor instead of handing it back to the
-    kernel (no trimming of the heap, no per-allocation mmap); True when it took effect.
-
-    By default glibc unmaps every large freed buffer, and the next activation of that size is page-faulted
-    in again. On this machine's 2-core VM that made scoring six archs after the supernet's 60 training steps
-    take 29-41 s against 20-22 s in a fresh process (the demo's search: 206 s of evaluations in the
-    conversion against 135 s alone); with this, 20-23 s either way. The price: the resident set stays
-    at its peak. A no-op where the C library has no ``mallopt`` (macOS, Windows, musl ignores it)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

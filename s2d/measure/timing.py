@@ -6,13 +6,12 @@ median of the per-repeat ratios, so a background load slows both alike. Two sepa
 timed loops on this noisy 2-core machine produce fake speed-ups of up to 1.9x. Both sides
 are timed as they would be deployed (:func:`deployable`: batch norm folded). Batch-1 latency over
 many images (:func:`expected_latency`) is the mean time per image, each image's fastest paired call.
-Timing first keeps freed memory in the process (:func:`steady_allocator`).
+Timing first keeps freed memory in the process (:func:`s2d.allocator.keep_freed_memory`).
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
 import functools
 import statistics
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from s2d.allocator import keep_freed_memory
 
 Forward = Callable[[torch.Tensor], object]
 
@@ -41,23 +42,6 @@ def deployable(model: nn.Module) -> nn.Module:
 
 
 @functools.cache
-def steady_allocator() -> bool:
-    """Keep freed memory in the process (glibc: blocks up to 32 MB from the heap, never trimmed back to the OS),
-    so that a timed call does not pay the page faults of fresh activation memory.
-
-    With glibc's defaults a batch-256 activation (12.8 MB for ResNet-20's first section) comes from, and goes
-    back to, the OS on every call, how often depending on the process's history. That made the static model's
-    batch-256 time 104-144 ms from one process to the next (103-105 ms with this setting), and every ratio
-    against it, which costs the wider network more, moved by up to a third. True when set (glibc only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
-    return all(libc.mallopt(option, value) == 1 for option, value in (
-        (m_mmap_threshold, 32 << 20), (m_trim_threshold, (1 << 31) - 1), (m_top_pad, 256 << 20)))
-
-
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -88,7 +72,7 @@ def measure_speed(forward: Forward, x: torch.Tensor, *, repeats: int = 20, warmu
     For a figure on its own (``s2d eval`` of a static model); never divide two of these:
     use :func:`paired_speed` for ratios.
     """
-    steady_allocator()
+    keep_freed_memory()
     for _ in range(warmup):
         forward(x)
     _sync(x)
@@ -143,7 +127,7 @@ def paired_speed(reference: Forward, candidate: Forward, inputs: torch.Tensor | 
     sampled as the data has them). The order alternates between repeats so neither side
     always runs on a warm cache.
     """
-    steady_allocator()
+    keep_freed_memory()
     xs = [inputs] * repeats if isinstance(inputs, torch.Tensor) else list(inputs)
     if not xs:
         raise ValueError("paired_speed needs at least one input")
@@ -182,7 +166,7 @@ def expected_latency(reference: Forward, candidate: Forward, images: Sequence[to
     timed ``repeats`` times per side, interleaved, and its fastest call counts, so preemption on a busy
     machine does not land on one side. ``ratio``, ``mean_ratio`` and ``fast_ratio`` all hold the
     expected ratio; the ms fields are the means over images."""
-    steady_allocator()
+    keep_freed_memory()
     if not images:
         raise ValueError("expected_latency needs at least one image")
     cand, ref = [], []

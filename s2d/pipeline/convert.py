@@ -86,6 +86,8 @@ BUDGETS = {
     # searches were won by the seed cascades [w, static], whose narrow stage is a pruned network, trained
     # without it (runs/demo2, runs/demo3: the three best archs were seeds). The full budget keeps it: there
     # multi-stage archs that only random archs train came first.
+    # 1200 narrow fine-tune steps instead of 1500 (runs/demo4's search, re-run): 46 s shorter, the same budget points
+    # (93.50 / 93.43 / 93.20 % against 93.50 / 93.44 / 93.23 %) but certified at 3.98x against 4.43x (0.5 points).
     # a second, random search at the same evaluations doubled the search phase without changing the network
     # shipped: comparing searchers is `s2d bench search`'s job, on one supernet and several seeds.
     # No static-stage distillation: it would push the demo past 15 min, and a peer distilled for as short a
