@@ -15,6 +15,7 @@ The price is a resident set that stays at its peak.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 # glibc's mallopt parameters (malloc.h)
@@ -22,6 +23,7 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, (1 << 31) - 1), (M_TOP_PAD, 256 << 20))
 
 
+@functools.cache  # timing calls it before every measurement
 def keep_freed_memory() -> bool:
     """Every block from the heap (no mmap), the heap never trimmed, grown 256 MB at a time; True when glibc
     took it. Every CLI command calls it first, and timing before it measures. A no-op (False) where the C

@@ -185,3 +185,16 @@ def test_rounds_share_the_batch_1_images_instead_of_timing_each_in_every_round()
                                    repeats=1)["n"]
     assert fig["latency_images"] == 6
     assert _Counter.single_calls == 6 * (1 + 3)  # each image once over the rounds: a warm-up and 3 timed calls
+
+
+def test_every_timed_call_synchronises_and_nothing_keeps_the_outputs_alive():
+    """``_sync`` runs per call (a cached one would skip CUDA's synchronisation and keep every output alive)."""
+    import weakref
+
+    from s2d.measure.timing import _sync
+
+    x = torch.ones(3)
+    ref = weakref.ref(x)
+    _sync(x)
+    del x
+    assert ref() is None

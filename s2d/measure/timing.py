@@ -12,7 +12,6 @@ Timing first keeps freed memory in the process (:func:`s2d.allocator.keep_freed_
 from __future__ import annotations
 
 import copy
-import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,6 @@ def deployable(model: nn.Module) -> nn.Module:
     return inference_layout(model)
 
 
-@functools.cache
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize()
