@@ -258,3 +258,28 @@ def test_the_sandwich_trains_pruned_networks_at_distinct_widths_every_batch(sn):
     assert len(SearchSpace(sn.graph, min_stages=2).sandwich()(rng)) == 1  # no one-stage archs in that space
     pruned_only = space.sandwich(pruned=3, random_archs=0)(rng)  # the small budget's steps
     assert len(pruned_only) == 3 and all(a.num_stages == 1 and a.stages[0].width < 1 for a in pruned_only)
+
+
+def test_the_report_runs_the_static_model_once_per_held_out_split(finetuned_cascade, quick_data, monkeypatch):
+    """A distilled cascade's report builds a threshold chooser per twin, and each compares against the static
+    model on the search's validation images and on the calibration split: those answers are computed once."""
+    import s2d.pipeline.convert as convert
+
+    root = finetuned_cascade["root"]
+    p = convert.Pipeline(convert.ConvertConfig.from_run(root), root, progress=False, data=quick_data)
+    runs: list[int] = []
+    real = convert.logits
+
+    def counted(model, split, *args, **kwargs):
+        if model is p.static:
+            runs.append(len(split))
+        return real(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "logits", counted)
+    choosers = [p.threshold_chooser(full_width=False, confidence=c) for c in (0.9, 0.95, 0.9)]
+    val = p.search_val.subset(p.budget.report_val_images)
+    assert sorted(runs) == sorted([len(val), len(p.calib)])  # two splits, one run each
+    for split, correct in ((val, choosers[0].val.static_correct), (p.calib, choosers[0].static_correct)):
+        assert torch.equal(correct, real(p.static, split, quick_data.info).argmax(1) == split.labels)
+    assert all(c.calib.static_correct is choosers[0].static_correct for c in choosers)
+    assert choosers[1].val.static_accuracy == pytest.approx(choosers[0].val.static_correct.float().mean().item())

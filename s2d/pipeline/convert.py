@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from s2d import checkpoint, distributed
-from s2d.data import Batches, Dataset, calibration_split, default_calib_size, load_dataset
+from s2d.data import Batches, Dataset, Split, calibration_split, default_calib_size, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import logits
 from s2d.measure.cost import static_cost
@@ -262,6 +262,7 @@ class Pipeline:
         self.supernet = self.new_supernet()
         self._full_width: SuperNet | None = None
         self._latency: LatencyTable | None = None
+        self._static_correct: dict[tuple[bool, int], torch.Tensor] = {}
         self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
                                  search_thresholds=cfg.search_thresholds)
         self.archive = Archive(self.run.root / "archive.jsonl")
@@ -398,12 +399,22 @@ class Pipeline:
             self._full_width = sn
         return self._full_width
 
+    def static_correct(self, split: Split, *, calibration: bool) -> torch.Tensor:
+        """Which of a held-out split's first images the static model classifies correctly, computed once per split
+        and size: every threshold chooser and evaluator of the report compares against it (a cascade with a
+        distilled static stage builds three choosers, each of which used to run the static model on both splits)."""
+        key = (calibration, len(split))
+        if key not in self._static_correct:
+            self._static_correct[key] = logits(self.static, split, self.data.info,
+                                               device=self.cfg.device).argmax(1) == split.labels
+        return self._static_correct[key]
+
     def evaluator(self, val_images: int | None, *, full_width: bool = True, calibration: bool = False
                   ) -> ArchEvaluator:
         """Scores archs on the search's validation images (``calibration``: on the calibration split);
         ``full_width=False`` scores every arch with ``self.supernet`` as it is (the fine-tuned network)."""
         val = (self.calib if calibration else self.search_val).subset(val_images)
-        static_correct = logits(self.static, val, self.data.info, device=self.cfg.device).argmax(1) == val.labels
+        static_correct = self.static_correct(val, calibration=calibration)
         return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_correct.float().mean().item(),
                              static_correct=static_correct,
                              static_macs=static_cost(self.static, self.data.info).total_macs,
@@ -418,10 +429,9 @@ class Pipeline:
         """Thresholds of the report's rows: a sequence from the search's validation images, certified on
         the calibration split (or the budget's setting there)."""
         calib = self.evaluator(None, full_width=full_width, calibration=True)
-        static_correct = logits(self.static, self.calib, self.data.info, device=self.cfg.device).argmax(1) \
-            == self.calib.labels
         return ThresholdChooser(self.evaluator(self.budget.report_val_images, full_width=full_width), calib,
-                                static_correct, confidence=confidence or self.cfg.confidence,
+                                self.static_correct(self.calib, calibration=True),
+                                confidence=confidence or self.cfg.confidence,
                                 tolerance_points=None if self.budget_mode else self.cfg.tolerance,
                                 latency_ms=self.cfg.target_latency_ms,
                                 latency=self.latency_table() if self.cfg.target_latency_ms else None)
