@@ -399,10 +399,15 @@ class Pipeline:
             self._full_width = sn
         return self._full_width
 
+    @functools.cached_property
+    def static_macs(self) -> float:
+        """fvcore MACs of the static model, traced once: every evaluator divides by it."""
+        return static_cost(self.static, self.data.info).total_macs
+
     def static_correct(self, split: Split, *, calibration: bool) -> torch.Tensor:
         """Which of a held-out split's first images the static model classifies correctly, computed once per split
-        and size: every threshold chooser and evaluator of the report compares against it (a cascade with a
-        distilled static stage builds three choosers, each of which used to run the static model on both splits)."""
+        and size: every evaluator and threshold chooser compares against it (a distilled cascade's report builds
+        four choosers, which ran the static model 12 times)."""
         key = (calibration, len(split))
         if key not in self._static_correct:
             self._static_correct[key] = logits(self.static, split, self.data.info,
@@ -417,7 +422,7 @@ class Pipeline:
         static_correct = self.static_correct(val, calibration=calibration)
         return ArchEvaluator(self.supernet, val, self.data.info, static_accuracy=static_correct.float().mean().item(),
                              static_correct=static_correct,
-                             static_macs=static_cost(self.static, self.data.info).total_macs,
+                             static_macs=self.static_macs,
                              objective=self.objective(),
                              archive=self.archive if val_images == self.budget.search_val_images and not calibration
                              else None,
