@@ -93,8 +93,11 @@ def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: i
         for w in widths or supernet.widths:
             key = head_key(e.name, w)
             if key in supernet.heads:
+                fc = supernet.heads[key].fc
+                fc.weight.zero_()  # a convex fit from a fixed start: the probe does not depend on the global RNG
+                fc.bias.zero_()
                 with torch.enable_grad():
-                    _fit_linear(supernet.heads[key].fc, feats[:, e.owned(w)].flatten(1), split.labels,
+                    _fit_linear(fc, feats[:, e.owned(w)].flatten(1), split.labels,
                                 epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
                 fitted += 1
     return fitted
