@@ -2,7 +2,8 @@
 
 Stage 1 runs on the whole batch; samples whose confidence reaches the stage's
 threshold exit; only the rest continue, with the features already computed for
-them. Plain PyTorch modules (``torch.fx.GraphModule``), no masks at run time.
+them. Plain PyTorch modules (``torch.fx.GraphModule``, folded over images where that is faster:
+``s2d.transform.fold``), no masks at run time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from s2d.transform.arch import MultiStageArch
 
@@ -69,7 +70,7 @@ def route(arch: MultiStageArch, s: int, logits: torch.Tensor, x: torch.Tensor, c
 
 
 class DynamicNet(nn.Module):
-    def __init__(self, arch: MultiStageArch, stages: list[fx.GraphModule], cache_in: list[list[str]],
+    def __init__(self, arch: MultiStageArch, stages: list[nn.Module], cache_in: list[list[str]],
                  cache_out: list[list[str]]) -> None:
         super().__init__()
         if len(arch.thresholds) != arch.num_stages - 1:

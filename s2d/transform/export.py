@@ -25,6 +25,7 @@ from s2d.errors import S2DError
 from s2d.runs import write_json_atomic
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.dynamic import DynamicNet, early_exit
+from s2d.transform.fold import unfolded
 
 FORMATS = ("torchscript", "onnx")
 META = "dynamic.json"
@@ -57,6 +58,7 @@ def export(net: DynamicNet, input_shape: tuple[int, int, int], out_dir: str | Pa
     examples = _stage_inputs(net, input_shape)
     stages_meta = []
     for s, (stage, ex) in enumerate(zip(net.stages, examples, strict=True)):
+        stage = unfolded(stage)  # the plain graph: a folded one is a CPU kernel choice of PyTorch's, not the network
         inputs = ["image", *(f"cache_{n}" for n in net.cache_in[s])]
         # Output names differ from input names: a stage often reads node n's cached channels and
         # passes n on with its own channels added (or unchanged), and ONNX values must have

@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from s2d.transform.arch import MultiStageArch
+from s2d.transform.fold import fold_narrow_convs
 from s2d.transform.graph import ModelGraph, Rule, TrunkNode, channel_dim
 from s2d.transform.sliced import Channels, ChannelSelect, FrozenModule, SlicedBatchNorm2d, SlicedConv2d
 
@@ -317,8 +318,10 @@ def build_stages(graph: ModelGraph, arch: MultiStageArch, heads: nn.ModuleDict,
     return StagePlan(arch, stages, cache_in, cache_out)
 
 
-def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
-    """A standalone copy of a stage: sliced weights copied out, batch norm folded into convs."""
+def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> nn.Module:
+    """A standalone copy of a stage: sliced weights copied out, batch norm folded into convs and, as deployed,
+    narrow convs on several images at once (:mod:`s2d.transform.fold`). Without ``fold_bn`` (what fvcore
+    counts), a plain ``fx.GraphModule`` of the stage's own ops."""
     modules = {}
     for name, m in stage._modules.items():  # not named_children(): it drops modules registered twice
         copied = isinstance(m, SlicedConv2d | SlicedBatchNorm2d | FrozenModule)
@@ -334,11 +337,13 @@ def materialise(stage: fx.GraphModule, fold_bn: bool = True) -> fx.GraphModule:
         gm = fuse(gm, inplace=True, no_trace=True)
     for p in gm.parameters():
         p.requires_grad_(False)
-    return inference_layout(gm)
+    gm = inference_layout(gm)
+    return fold_narrow_convs(gm) if fold_bn else gm
 
 
-INFERENCE_LAYOUT = "channels_last"  # names the rule of ``inference_layout`` (channels-last on the CPU, CUDA as
-# it is); stored beside speed figures, so that figures timed under another rule are measured again, not mixed
+INFERENCE_LAYOUT = "channels_last+fold8"  # names the rules of ``inference_layout`` (channels-last on the CPU, CUDA
+# as it is) and of ``fold_narrow_convs`` (narrow convs folded to 8 channels on the CPU); stored beside speed
+# figures, so that figures timed under other rules are measured again, not mixed
 
 
 def inference_layout(module: nn.Module) -> nn.Module:
