@@ -14,7 +14,6 @@ import copy
 import functools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,11 @@ from s2d.measure.accuracy import logits
 from s2d.measure.cost import static_cost
 from s2d.measure.exit_gate import fit_stage_gates
 from s2d.measure.guarantee import DEFAULT_CONFIDENCE, min_calibration_images
-from s2d.measure.latency import COSTS, LARGE_BATCH, LatencyTable
+from s2d.measure.latency import COSTS, LatencyTable
 from s2d.measure.network import evaluate_static
 from s2d.measure.temperature import fit_stage_temperatures
 from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
-from s2d.pipeline.format import stages_summary
 from s2d.pipeline.report import RowMeter, ThresholdChooser, cheapest_points, write_report
 from s2d.runs import Run, open_run, write_json_atomic
 from s2d.search.archive import Archive
@@ -116,8 +114,8 @@ def mac_ratio_standard_error(record: dict[str, Any], images: int) -> float:
     return float(np.sqrt((rates * (paid - mean) ** 2).sum() / max(1, images)))
 
 
-def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True, images: int | None = None,
-                time_of: Callable[[dict[str, Any]], float] | None = None) -> dict[str, Any] | None:
+def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True, images: int | None = None
+                ) -> dict[str, Any] | None:
     """The searched arch to fine-tune: the best reward among the archs that keep the promise on
     validation data. A slightly infeasible arch can out-score every feasible one (the penalty is
     linear in the shortfall), and fine-tuning does not win back what the supernet already misses.
@@ -127,9 +125,7 @@ def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True, images
     best's, the one with the fewest stages (then the best reward). Those differences are noise of the proxy,
     while every extra stage shares the fine-tune and adds a head and a routing step: on ResNet-20's full budget
     the proxy put a 4-stage arch 1 % ahead of the 2-stage cascade, which after fine-tuning was 0.27-0.33 points
-    more accurate at every budget point. Among ties with as few stages, ``time_of`` (a record's predicted
-    batch-256 time ratio) picks the fastest, else the best reward does: MACs within noise of each other can run
-    at very different speeds (on this CPU a width-0.375 first stage takes twice the time of a 0.25 one).
+    more accurate at every budget point.
 
     ``None`` when no arch keeps it and ``must_meet``: the caller ships a network that does (the static
     one) instead of a worse one. Budget mode (``must_meet=False``) takes the best reward anyway: no
@@ -142,11 +138,7 @@ def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True, images
         return best
     within = best["mac_ratio"] + mac_ratio_standard_error(best, images)
     ties = [r for r in feasible if r["mac_ratio"] <= within]
-    fewest = min(len(r["arch"]["stages"]) for r in ties)
-    ties = [r for r in ties if len(r["arch"]["stages"]) == fewest]
-    if time_of is not None and len(ties) > 1:
-        return min(ties, key=lambda r: (time_of(r), -r["reward"]))
-    return max(ties, key=lambda r: r["reward"])
+    return min(ties, key=lambda r: (len(r["arch"]["stages"]), -r["reward"]))
 
 
 STATIC_STAGES = ("distilled", "untouched")  # a distilled cascade's last stage, then its certification twin's
@@ -499,10 +491,8 @@ class Pipeline:
         # the one-standard-error rule where the search minimises MACs within the tolerance (not budget mode)
         images = (len(self.search_val.subset(self.budget.search_val_images))
                   if self.cfg.objective == "tolerance" and self.cost == "macs" and must_meet else None)
-        time_of = self._throughput_ratio if images is not None else None
-        self._tie_times: list[dict[str, Any]] = []
-        best = (choose_arch(main, must_meet=must_meet, images=images, time_of=time_of)
-                or choose_arch(records, must_meet=must_meet, images=images, time_of=time_of))
+        best = (choose_arch(main, must_meet=must_meet, images=images)
+                or choose_arch(records, must_meet=must_meet, images=images))
         fallback = None
         if best is None:
             fallback = (f"no searched arch kept the {self.cfg.tolerance}-point tolerance on validation data "
@@ -510,17 +500,8 @@ class Pipeline:
             best = {"arch": static_arch().to_dict(), "fallback": True}
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
-        self._done("search", summaries=summaries, best=best, fallback=fallback, ties_by_time=self._tie_times)
+        self._done("search", summaries=summaries, best=best, fallback=fallback)
         return best
-
-    def _throughput_ratio(self, record: dict[str, Any]) -> float:
-        """A scored arch's batch-256 time over the static network's, predicted by the run's latency table at the
-        exit rates its search thresholds gave (measuring the stages the table lacks: seconds per stage)."""
-        arch = MultiStageArch.from_dict(record["arch"])
-        ratio = self.latency_table().ratio(arch, record["exit_rates"], LARGE_BATCH)
-        self._tie_times.append({"arch": stages_summary(record["arch"]), "mac_ratio": record["mac_ratio"],
-                                "time_ratio_b256": ratio})
-        return ratio
 
     def finetune_phase(self) -> None:
         """Fine-tune the chosen arch alone.
