@@ -6,7 +6,7 @@ ResNet-20 stage (4/8/16 channels) does 6.5 % of the static MACs but took 22 % of
 of it in the 4-channel convs. Folding ``k`` images into the channel dimension, (N, C, H, W) ->
 (N/k, kC, H, W), and giving each conv ``k`` copies of its weight on the block diagonal computes the same
 numbers (the off-diagonal blocks are zeros) with ``k`` times the MACs in a kernel that is more than
-``k`` times faster: that stage then takes 18 % of the static time (``../shared/design.md``).
+``k`` times faster: that stage then takes 18 % of the static time (README, "Speed you can compare").
 
 The fold is a rule of the inference layout, like channels-last: applied to deployed (BN-folded)
 networks on the CPU, to the static model and the peers as to s2d's stages, so speed ratios compare
