@@ -7,14 +7,22 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from scipy.stats import beta
+from scipy.stats import beta, binom
 
 from s2d.data import Split, calibration_split, default_calib_size
 from s2d.errors import S2DError
 from s2d.measure.accuracy import StageOutputs
 from s2d.measure.calibration import budget_frontier, calibrate_budget_thresholds
 from s2d.measure.cost import average_macs
-from s2d.measure.guarantee import certify, drop_upper_bound, min_calibration_images, threshold_sequence
+from s2d.measure.guarantee import (
+    NUISANCE_RISK,
+    certify,
+    drop_pvalue,
+    drop_upper_bound,
+    keeps_tolerance,
+    min_calibration_images,
+    threshold_sequence,
+)
 from s2d.transform.exit_rule import NEVER_EXIT
 
 
@@ -48,15 +56,51 @@ def test_calibration_split_refuses_an_empty_side():
             calibration_split(val, size)
 
 
-def test_bound_equals_the_union_of_clopper_pearson_bounds_by_hand():
+def _null_rejection_rate(n: int, lost_share: float, gained_share: float, tolerance: float, risk: float) -> float:
+    """The exact probability that the test rejects "the drop is ``tolerance`` or more" when the true shares are
+    these, by enumerating every count of lost and gained images with mass above 1e-12."""
+    lost = np.arange(n + 1)
+    p_lost = binom.pmf(lost, n, lost_share)
+    rate = 0.0
+    for k in lost[p_lost > 1e-12]:
+        p_gained = binom.pmf(np.arange(n - k + 1), n - k, gained_share / (1 - lost_share))
+        for g in np.flatnonzero(p_gained > 1e-12):
+            if drop_pvalue(int(k), int(g), n, tolerance) <= risk:
+                rate += p_lost[k] * p_gained[g]
+    return rate
+
+
+def test_the_test_keeps_its_level_where_the_tolerance_is_broken():
+    """Enumerated, not simulated: wherever the true drop is at least the tolerance, the test rejects with
+    probability at most its risk; at the boundary with many disagreements it uses most of it (not a test that
+    never rejects)."""
+    n, tol, risk = 120, 0.025, 0.1
+    rates = {}
+    for share in (0.025, 0.05, 0.1, 0.2):  # the share of images the two networks disagree on
+        for drop in (tol, tol + 0.01):
+            if drop <= share:
+                rates[share, drop] = _null_rejection_rate(n, (share + drop) / 2, (share - drop) / 2, tol, risk)
+    assert max(rates.values()) <= risk
+    assert rates[0.2, tol] > 0.07  # close to the risk where the drop is exactly the tolerance
+    assert rates[0.2, tol + 0.01] < rates[0.2, tol]
+
+
+def test_bound_by_hand_and_against_the_union_bound():
+    n = 1000
+    static = np.ones(n, dtype=bool)
+    # nothing lost nor gained: the Clopper-Pearson bound of zero lost images at the risk left by the nuisance set
+    assert drop_upper_bound(static, static, 0.9) == pytest.approx(1 - (0.1 - NUISANCE_RISK) ** (1 / n), abs=1e-5)
     static, dynamic = _pair(1000, lost=7, gained=3)
-    upper_lost = beta.ppf(0.95, 8, 993)  # one-sided bounds at risk 0.05 each (confidence 0.9 in all)
-    lower_gained = beta.ppf(0.05, 3, 998)
-    assert drop_upper_bound(static, dynamic, 0.9) == pytest.approx(upper_lost - lower_gained, rel=1e-12)
-    assert drop_upper_bound(static, static, 0.9) == pytest.approx(1 - 0.05 ** (1 / 1000))  # nothing lost yet
     assert (static.mean() - dynamic.mean()) < drop_upper_bound(static, dynamic, 0.9)
     net_gain = drop_upper_bound(*_pair(1000, lost=1, gained=40), 0.9)
     assert net_gain < 0  # a network that wins enough is certified better than the static one
+    # 30 lost, 30 gained of 3000 at 95 %: the drop's own spread is 1.645 sd = 0.42 points; the union of two
+    # Clopper-Pearson bounds at 2.5 % each added two margins: 0.75 points
+    static, dynamic = _pair(3000, lost=30, gained=30)
+    union = beta.ppf(0.975, 31, 2970) - beta.ppf(0.025, 30, 2971)
+    assert 100 * union == pytest.approx(0.749, abs=1e-3)
+    assert 0.42 < 100 * drop_upper_bound(static, dynamic, 0.95) < 0.45
+    assert keeps_tolerance(static, dynamic, 0.0045, 0.95) and not keeps_tolerance(static, dynamic, 0.0042, 0.95)
 
 
 def test_bound_is_monotone():
@@ -76,7 +120,8 @@ def test_min_calibration_images():
         n = min_calibration_images(tol)
         # from that size on, one lost image (and nothing gained) is within the tolerance; below, it is not
         assert drop_upper_bound(*_pair(n, 1, 0), 0.9) <= tol < drop_upper_bound(*_pair(n - 1, 1, 0), 0.9)
-    assert 900 < min_calibration_images(0.005) < 1000 < 2300 < min_calibration_images(0.002) < 3000
+    # one lost image of n is bounded at about 3.9 / n at 90 % (zero lost: 2.3 / n)
+    assert 750 < min_calibration_images(0.005) < 800 < 1900 < min_calibration_images(0.002) < 2000
     assert min_calibration_images(0.0) == 0
 
 
@@ -99,7 +144,7 @@ def test_certify_stops_at_the_first_failure():
     fine = [0.95]  # would pass (few exits, some wrong)... but comes after the failure
     cert = certify([safe, bad, fine], calib, static, tolerance=0.02, confidence=0.9)
     assert cert is not None and cert.thresholds == safe and cert.tested == 2 and cert.calib_drop_points == 0.0
-    assert cert.bound_points == pytest.approx(100 * (1 - 0.05 ** (1 / n)))  # nothing lost of n images
+    assert cert.bound_points == pytest.approx(100 * (1 - (0.1 - NUISANCE_RISK) ** (1 / n)), abs=1e-3)  # none lost
     cert = certify([safe, [2.0 / 3]], calib, static, tolerance=0.5, confidence=0.9)
     assert cert.thresholds == [2.0 / 3] and cert.calib_drop_points > 0
     assert cert.bound_points > cert.calib_drop_points  # the bound sits above what was observed
@@ -155,3 +200,10 @@ def test_twin_networks_ship_per_tolerance_the_cheaper_certified_point():
                               "untouched": [pt(0.1, 1.0), pt(0.2, 0.4), pt(0.5, 0.25)]})
     assert [m["static_stage"] for m in merged] == ["distilled", "untouched", "distilled"]
     assert [m["calib_mac_ratio"] for m in merged] == [1.0, 0.4, 0.2]
+
+
+def test_a_confidence_close_to_one_still_certifies():
+    """The nuisance set takes a tenth of a risk below 1 %, so any --confidence the CLI accepts can pass."""
+    static, dynamic = _pair(3000, lost=0, gained=0)
+    assert keeps_tolerance(static, dynamic, 0.01, 0.9995)
+    assert drop_upper_bound(static, dynamic, 0.9995) > drop_upper_bound(static, dynamic, 0.99)
