@@ -45,7 +45,8 @@ def summarize_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
             drops = [-p[f"{key}accuracy_delta_points"] for p in points]
             row[f"{key}test_drop_points"] = _stats(drops)
             row[f"{key}macs_fewer"] = _stats([1 / p[f"{key}mac_ratio"] for p in points])
-            row[f"{key}exceeded"] = sum(d > tol + 1e-9 for d in drops)
+            # test accuracies are float32: 10 of 10000 images read as a 0.1000002-point drop, which keeps 0.1
+            row[f"{key}exceeded"] = sum(d > tol + 1e-4 for d in drops)
         out["operating_points"].append(row)
     out["budget_points"] = _budget_rows([reports[s].get("budget_points", []) for s in seeds])
     return out
