@@ -220,19 +220,19 @@ def certify(sequence: list[list[float]], calib: StageOutputs, static_correct: to
             confidence: float = DEFAULT_CONFIDENCE) -> Certificate | None:
     """The last setting of ``sequence`` that passes before the first that fails (``None``: not even the
     first passes, so the network cannot keep the promise and the static one must be shipped)."""
-    best: Certificate | None = None
+    passed: tuple[list[float], torch.Tensor] | None = None
     tested = 0
     for thresholds in sequence:
         tested += 1
         dyn = calib.correct.gather(0, calib.exits(thresholds)[None])[0]
         if not keeps_tolerance(static_correct, dyn, tolerance, confidence):
             break
-        best_dyn = dyn
-        drop = float(np.asarray(static_correct, dtype=np.float64).mean() - dyn.double().mean().item())
-        best = Certificate(thresholds, float("nan"), drop * 100, confidence, tolerance * 100, len(dyn), tested,
-                           len(sequence))
-    if best is not None:
-        best.tested = tested
-        # the bound is for the report: it sits at or below the tolerance, since the test rejected that drop
-        best.bound_points = min(drop_upper_bound(static_correct, best_dyn, confidence), tolerance) * 100
-    return best
+        passed = thresholds, dyn
+    if passed is None:
+        return None
+    thresholds, dyn = passed
+    drop = float(np.asarray(static_correct, dtype=np.float64).mean() - dyn.double().mean().item())
+    # the bound is for the report: at or below the tolerance, since the test rejected that drop
+    bound = min(drop_upper_bound(static_correct, dyn, confidence), tolerance)
+    return Certificate(thresholds, bound * 100, drop * 100, confidence, tolerance * 100, len(dyn), tested,
+                       len(sequence))
