@@ -350,7 +350,7 @@ def inference_layout(module: nn.Module) -> nn.Module:
     """The module with its conv weights in channels-last (NHWC) layout when it runs on the CPU.
 
     oneDNN's NCHW convs reorder every activation into a channel-blocked layout and back, and pad
-    narrow channel counts to the block. On a 2-core AVX-512 CPU at batch 256, ResNet-20 runs 1.6x
+    narrow channel counts to the block. On this 2-core AVX2 CPU at batch 256, ResNet-20 runs 1.6x
     faster in NHWC and its width-0.5 prefix 2.1x (``../shared/design.md``). A conv picks NHWC when
     its weight is, so inputs need no conversion. On CUDA the layout is left alone (NHWC pays off
     there with tensor-core dtypes, which s2d does not use). In place; returns the module."""
