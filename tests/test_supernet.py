@@ -533,7 +533,6 @@ def test_gradients_reach_shared_weights():
     assert g[8:, 8:].abs().sum() > 0
 
 
-
 def test_forwards_without_gradients_run_channels_last_and_training_gets_the_weights_back():
     sn = supernet("resnet20", (1, 28, 28), seed=5).eval()
     arch = make_arch((0.25, "layer1.2", True), (0.5, "layer2.2", False), (1.0, "output", True))
