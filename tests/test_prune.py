@@ -146,12 +146,16 @@ class Recorder:
 
     def __init__(self, kill_at: int | None = None) -> None:
         self.steps: list[int] = []
+        self.texts: dict[str, str] = {}
         self.kill_at = kill_at
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self.kill_at is not None and step >= self.kill_at:
             raise KeyboardInterrupt("simulated kill")
         self.steps.append(step)
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        self.texts[tag] = text
 
     def flush(self) -> None:
         pass
@@ -177,6 +181,7 @@ def test_kd_finetune_lowers_the_loss_within_budget(tmp_path):
     assert out["seconds"] < 3 + 5 * out["step_seconds"] + 0.5  # stops at the budget
     assert out["steps"] == out["planned_steps"] or out["seconds"] >= 3
     assert writer.steps and writer.steps[-1] <= out["steps"]
+    assert writer.texts == {"kd_finetune/layout": "channels_last" if out["channels_last"] else "default"}
     # a finished run called again does not train again
     again = kd_finetune(student, teacher, data, seconds=3, batch_size=32, progress=False,
                         checkpoint_path=tmp_path / "kd.pt")

@@ -4,6 +4,7 @@ a cascade's recomputed static stage for a step count)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from s2d import checkpoint
 from s2d.data import Batches, Dataset
 from s2d.errors import CheckpointError, S2DError
+from s2d.training.layout import LAYOUT_NAMES, channels_last_is_safe, faster_layout, set_layout, time_layouts
 from s2d.training.outputs import aux_loss, split_outputs
 
 FINETUNE_FORMAT = "s2d-kd-finetune-v1"
@@ -46,7 +48,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, data: Dataset, *, second
                 lr: float = 0.02, weight_decay: float = 5e-4, temperature: float = 2.0, distill_weight: float = 0.7,
                 seed: int = 0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 100,
                 metadata: dict[str, Any] | None = None, writer: SummaryWriter | None = None, progress: bool = True,
-                device: str | torch.device = "cpu", tag: str = "kd_finetune") -> dict[str, float]:
+                device: str | torch.device = "cpu", tag: str = "kd_finetune",
+                layout: torch.memory_format | None = None) -> dict[str, float]:
     """Fine-tune ``student`` in place by distillation from ``teacher`` for ``seconds`` of wall-clock time,
     or for a fixed number of ``steps`` (give one): a time budget makes a fair race against a peer, a step
     count makes a network that does not depend on how loaded the machine was.
@@ -59,6 +62,10 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, data: Dataset, *, second
     being cut).
     Training stops at the planned step count or at the budget, whichever comes first.
 
+    The student trains in ``layout``, by default the faster memory layout for it on this machine
+    (:mod:`s2d.training.layout`: timed on a copy, and the timing counts against ``seconds``); it is handed back in
+    the default layout.
+
     With ``checkpoint_path`` the state is saved atomically right after the schedule is planned,
     every ``checkpoint_every`` steps and at the end; calling again with the same path resumes
     from the last save: the same plan, the step count continued, the training time already
@@ -67,7 +74,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, data: Dataset, *, second
     ratio) is stored in the checkpoint as is.
 
     Returns ``steps`` done, ``planned_steps``, training ``seconds`` spent (over all runs),
-    ``train_loss`` (mean of the last 50 steps), ``step_seconds`` (probe) and ``resumed_from_step``.
+    ``train_loss`` (mean of the last 50 steps), ``step_seconds`` (probe), ``resumed_from_step`` and
+    ``channels_last`` (1.0 when it trained in that layout).
     """
     if (seconds is None) == (steps is None):
         raise S2DError("give the fine-tune a budget: seconds or steps, not both")
@@ -116,10 +124,17 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, data: Dataset, *, second
     def result() -> dict[str, float]:
         return {"steps": step, "planned_steps": planned, "seconds": spent,
                 "train_loss": sum(recent) / len(recent) if recent else last_loss, "step_seconds": step_seconds,
-                "resumed_from_step": resumed_from}
+                "resumed_from_step": resumed_from, "channels_last": float(layout == torch.channels_last)}
 
     if planned and (step >= planned or spent >= limit):
         return result()
+    if layout is None:
+        measured = time.perf_counter()
+        layout = _faster_student_layout(student, teacher, data, batch_size, temperature, distill_weight, device)
+        spent += time.perf_counter() - measured
+    set_layout(student, layout)
+    if writer is not None:
+        writer.add_text(f"{tag}/layout", LAYOUT_NAMES[layout], step)
     batches = Batches(data.train, data.info, batch_size, shuffle=True, augment=True, seed=seed * 7919 + step,
                       device=device)
     it = iter(batches)
@@ -166,8 +181,28 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, data: Dataset, *, second
                 save()
     finally:
         bar.close()
+        set_layout(student, torch.contiguous_format)
     planned = planned or step  # the budget ran out while probing
     save()
     if writer is not None:
         writer.flush()
     return result()
+
+
+def _faster_student_layout(student: nn.Module, teacher: nn.Module, data: Dataset, batch_size: int,
+                           temperature: float, distill_weight: float, device: torch.device) -> torch.memory_format:
+    """The memory layout in which ``student``'s distillation steps run faster, timed on a copy (its weights,
+    batch-norm statistics and the data order of the real run stay untouched)."""
+    trial = copy.deepcopy(student).train()
+    x, y = next(iter(Batches(data.train, data.info, batch_size, device=device)))
+    if not channels_last_is_safe(lambda: trial(x)):
+        return torch.contiguous_format
+    with torch.no_grad():
+        target = teacher(x)
+
+    def step(layout: torch.memory_format) -> None:
+        logits, aux = split_outputs(set_layout(trial, layout)(x))
+        (distillation_loss(logits, target, y, temperature, distill_weight) + aux_loss(aux, y)).backward()
+        trial.zero_grad(set_to_none=True)
+
+    return faster_layout(time_layouts(step, device=device))

@@ -23,6 +23,7 @@ from s2d.errors import S2DError
 from s2d.measure.accuracy import stage_logits
 from s2d.runs import Run
 from s2d.training.distill import distillation_loss
+from s2d.training.layout import LAYOUT_NAMES, channels_last_is_safe, faster_layout, time_layouts
 from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.supernet import SuperNet
 
@@ -112,6 +113,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
                                 "step": step, "steps": cfg.steps}, path)
 
     stats: dict[str, float] = {}
+    seen: set[str] = set()  # archs drawn so far: the second draw of one times its layouts
     try:
         while step < cfg.steps:
             try:
@@ -124,6 +126,9 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             supernet.train(cfg.bn == "batch")  # a probe may have left it in eval mode
             opt.zero_grad(set_to_none=True)
             archs = sampler(rng)  # the same archs on every rank: one seed
+            if ddp is None:
+                _choose_layouts(supernet, archs, seen, step_loss, x, target, y, writer, tag)
+                opt.zero_grad(set_to_none=True)
             if ddp is not None:  # one forward and one backward, so DDP averages the gradients once
                 total, outs, losses = ddp(x, target, y, archs, backward=False)
                 total.backward()
@@ -157,6 +162,35 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             writer.close()
     distributed.barrier()  # the other ranks read what rank 0 saved
     return stats
+
+
+def _choose_layouts(supernet: SuperNet, archs: list[MultiStageArch], seen: set[str], step_loss: StepLoss,
+                    x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, writer: SummaryWriter | None,
+                    tag: str) -> None:
+    """Time the training layouts of every arch drawn a second time (the pruned networks of the sandwich, a fine-tuned
+    arch: a random arch is rarely drawn twice, and timing it once would cost more than it could save) and let it
+    train in the faster one from then on (an arch with narrow convs stays in the default layout untimed:
+    ``channels_last_is_safe``). The timed steps leave no trace: gradients are dropped by the caller and the
+    batch-norm buffers put back."""
+    for arch in archs:
+        key = arch.key()
+        if key in seen and key not in supernet.training_layouts:
+            buffers = {k: v.clone() for k, v in supernet.named_buffers()}
+
+            def step(layout: torch.memory_format, arch: MultiStageArch = arch, key: str = key) -> None:
+                supernet.training_layouts[key] = layout
+                step_loss(x, target, y, [arch], backward=True)
+
+            safe = channels_last_is_safe(lambda arch=arch: supernet.forward_stages(x, arch, upto=arch.trained_stages))
+            seconds = time_layouts(step, device=x.device) if safe else {}
+            supernet.training_layouts[key] = faster_layout(seconds)
+            with torch.no_grad():
+                for k, v in supernet.named_buffers():
+                    v.copy_(buffers[k])
+            if writer is not None and seconds:
+                writer.add_text(f"{tag}/layouts", f"{key}: {LAYOUT_NAMES[supernet.training_layouts[key]]} "
+                                f"({', '.join(f'{n} {t * 1e3:.0f} ms' for n, t in seconds.items())})")
+        seen.add(key)
 
 
 class StepLoss(torch.nn.Module):

@@ -56,6 +56,9 @@ class SuperNet(nn.Module):
         self.bn_source: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._bn_arch: str | None = None  # the arch whose statistics the BN buffers hold
         self._layout = torch.contiguous_format  # of the shared conv weights (see ``_match_layout``)
+        # the memory layout each arch's training steps run in, by arch key (measured by the trainer:
+        # ``s2d.training.layout``); an arch not in it trains in the default layout
+        self.training_layouts: dict[str, torch.memory_format] = {}
 
     def use_arch_statistics(self, source: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None,
                             num_batches: int = 8) -> None:
@@ -115,7 +118,7 @@ class SuperNet(nn.Module):
         """Every stage's logits (the first ``upto`` stages'), each computed from the previous one's cache."""
         if not self.training:
             self.ensure_statistics(arch)
-        self._match_layout(x)
+        self._match_layout(x, arch)
         outs, cache = [], ()
         for stage in self.plan(arch).stages[:upto]:
             res = stage(x, *cache)
@@ -123,16 +126,22 @@ class SuperNet(nn.Module):
             cache = tuple(res[1:])
         return outs
 
-    def _match_layout(self, x: torch.Tensor) -> None:
+    def _match_layout(self, x: torch.Tensor, arch: MultiStageArch) -> None:
         """Shared conv weights in channels-last for forwards without gradients on the CPU (evaluations, batch-norm
-        estimates: ResNet-20's static stage 1.5x faster, MobileNetV2's 1.7x), in the default layout when training:
-        oneDNN's channels-last training steps are slower unless every conv's channels are a multiple of 8. The
-        weights change layout in place (the same parameters, so the optimizer's references hold), only when the
-        kind of call changes; the numbers are the same up to the order of float sums. Not under torch.distributed:
-        DDP requires every rank's parameters to have the same strides, and only rank 0 runs the progress probe."""
+        estimates: ResNet-20's static stage 1.5x faster, MobileNetV2's 1.7x); a training step in the layout
+        ``training_layouts`` gives its arch, else the default one: channels-last training is faster only for some
+        shapes (``s2d.training.layout``). The weights change layout in place (the same parameters, so the
+        optimizer's references hold), only when the layout wanted changes. Evaluations give the same numbers up to
+        the order of float sums; channels-last training rounds batch statistics more coarsely. Not under
+        torch.distributed: DDP requires every rank's parameters to have the same strides, and only rank 0 runs the
+        progress probe."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        fast = x.device.type == "cpu" and not torch.is_grad_enabled() and not distributed
-        want = torch.channels_last if fast else torch.contiguous_format
+        if x.device.type != "cpu" or distributed:
+            want = torch.contiguous_format
+        elif not torch.is_grad_enabled():
+            want = torch.channels_last
+        else:
+            want = self.training_layouts.get(arch.key(), torch.contiguous_format)
         if want != self._layout:
             self.to(memory_format=want)
             self._layout = want
