@@ -187,9 +187,10 @@ def _choose_layouts(supernet: SuperNet, archs: list[MultiStageArch], seen: set[s
             with torch.no_grad():
                 for k, v in supernet.named_buffers():
                     v.copy_(buffers[k])
-            if writer is not None and seconds:
+            if writer is not None:
+                timed = ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in seconds.items())
                 writer.add_text(f"{tag}/layouts", f"{key}: {LAYOUT_NAMES[supernet.training_layouts[key]]} "
-                                f"({', '.join(f'{n} {t * 1e3:.0f} ms' for n, t in seconds.items())})")
+                                f"({timed or 'not timed: narrow convs, or not on a single CPU process'})")
         seen.add(key)
 
 
