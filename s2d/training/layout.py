@@ -13,10 +13,12 @@ gradients are 1.7 % off float64 against 0.01 % (relative to each tensor's larges
 minibatch's own noise, and training is chaotic anyway: after 50 steps float32 weights have parted from float64 ones
 by 19 % of what they moved in the default layout, 34 % in channels-last.
 
-Channels-last is only tried on networks whose convolutions all read one or at least ``SAFE_CHANNELS`` channels per
-group: in torch 2.14.1 on this CPU, the backward of a strided 1x1 channels-last conv over 2-7 input channels
-corrupts the heap (a width-0.125 ResNet-20's downsampling shortcut, 4 -> 8 channels, aborts the process). Those
-narrow networks train slower in channels-last anyway.
+Channels-last is only tried on networks whose convolutions all read one channel per group or at least the CPU's
+channel block (:func:`safe_channels`): oneDNN's 1x1 backward-weights kernel for strided NHWC convs with fewer input
+channels than its block writes past its workspace (uxlfoundation/oneDNN issue #6035: wrong weight gradients on
+some machines, a crash on others). Here, in torch 2.14.1 on AVX2, it corrupts the heap for 2-7 channels: a
+width-0.125 ResNet-20's downsampling shortcut, 4 -> 8 channels, aborts the process. Such narrow networks train
+slower in channels-last anyway.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from torch.overrides import TorchFunctionMode
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 LAYOUT_NAMES = {torch.contiguous_format: "default", torch.channels_last: "channels_last"}
 TIMED_STEPS = 3  # timed steps per layout, after one untimed (the first call plans kernels and allocates)
-SAFE_CHANNELS = 8  # a conv reading fewer channels per group (but more than one) keeps a network in the default layout
 
 
 def set_layout(module: nn.Module, layout: torch.memory_format) -> nn.Module:
@@ -55,12 +56,18 @@ class _ConvInputs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def safe_channels() -> int:
+    """oneDNN's channel block on this CPU: 8 floats on AVX2, 16 with AVX-512 (and on CPUs torch does not name)."""
+    return 8 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT") else 16
+
+
 def channels_last_is_safe(forward: Callable[[], object]) -> bool:
     """Whether every convolution ``forward()`` runs reads one channel per group (an image, a depthwise conv) or at
-    least ``SAFE_CHANNELS``: only such networks are trained in channels-last (see the module's docstring)."""
+    least :func:`safe_channels`: only such networks are trained in channels-last (see the module's docstring)."""
     with torch.no_grad(), _ConvInputs() as convs:
         forward()
-    return all(c == 1 or c >= SAFE_CHANNELS for c in convs.channels)
+    least = safe_channels()
+    return all(c == 1 or c >= least for c in convs.channels)
 
 
 def time_layouts(step: Callable[[torch.memory_format], None], *, device: str | torch.device = "cpu",
