@@ -140,8 +140,10 @@ class SuperNet(nn.Module):
             want = torch.contiguous_format
         elif not torch.is_grad_enabled():
             want = torch.channels_last
-        else:
+        elif self.training_layouts:  # (no arch key to build on every training forward while nothing is timed)
             want = self.training_layouts.get(arch.key(), torch.contiguous_format)
+        else:
+            want = torch.contiguous_format
         if want != self._layout:
             self.to(memory_format=want)
             self._layout = want
