@@ -143,8 +143,19 @@ def test_convert_end_to_end(converted):
     for name in ("supernet.pt", "finetune.pt", "ppo.zip", "dynamic.pt"):
         assert (run / "checkpoints" / name).is_file(), name
     state = json.loads((run / "state.json").read_text())
-    assert set(state) == {"supernet", "search", "finetune", "report"}
+    assert set(state) == {"supernet", "search", "race", "finetune", "report"}
     assert all(state[p]["seconds"] > 0 for p in state)  # each phase records its wall clock (bench peers reads it)
+    # the fine-tune raced the search's best two training archs and went on with the better one, from its checkpoint
+    race = state["race"]
+    assert race["steps"] == BUDGETS["tiny"].race_steps and len(race["scores"]) == len(state["search"]["race"]) == 2
+    assert state["search"]["race"][0] == state["search"]["best"]["arch"]
+    assert race["winner"] == max(range(2), key=lambda i: (race["scores"][i]["reward"], -i))
+    assert MultiStageArch.from_dict(race["arch"]).stages == best.stages
+    assert not list((run / "checkpoints").glob("race-*.pt"))
+    tiny = BUDGETS["tiny"]
+    assert checkpoint.load(run / "checkpoints" / "finetune.pt")["step"] == (tiny.narrow_finetune_steps
+                                                                            or tiny.finetune_steps)
+    assert "## Fine-tune race" in md and "(fine-tuned on)" in md and report["race"] == race
 
 
 def test_convert_again_is_quick_and_changes_nothing(converted):
@@ -301,6 +312,7 @@ def _archive_lines(run: Path) -> list[str]:
 KILL_POINTS = {
     "supernet": lambda run: (run / "checkpoints" / "supernet.pt").exists() and "supernet" not in _state(run),
     "search": lambda run: len(_archive_lines(run)) >= 2 and "search" not in _state(run),
+    "race": lambda run: any((run / "checkpoints").glob("race-*.pt")) and "race" not in _state(run),
     "finetune": lambda run: "search" in _state(run) and "finetune" not in _state(run),
     "report": lambda run: "finetune" in _state(run) and "report" not in _state(run),
 }
@@ -330,7 +342,8 @@ def _kill_and_resume(phase: str, tmp_path: Path, weights: Path) -> None:
     assert lines[: len(kept)] == kept or (kept and lines[: len(kept) - 1] == kept[:-1])  # a torn last line may go
     keys = [json.loads(line)["key"] for line in lines if line.startswith("{") and line.endswith("}")]
     assert len(keys) == len(set(keys)), "an arch was evaluated twice"
-    assert set(_state(run)) == {"supernet", "search", "finetune", "report"}
+    assert set(_state(run)) == {"supernet", "search", "race", "finetune", "report"}
+    assert not list((run / "checkpoints").glob("race-*.pt"))
     report = json.loads((run / "report.json").read_text())
     assert report["search"]["ppo"]["evaluations"] == 4 and (run / "report.md").exists()
 
@@ -342,7 +355,7 @@ def test_killed_search_resumes(tmp_path, tiny_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["supernet", "finetune", "report"])
+@pytest.mark.parametrize("phase", ["supernet", "race", "finetune", "report"])
 def test_killed_phase_resumes(phase, tmp_path, tiny_run):
     _kill_and_resume(phase, tmp_path, tiny_run["model_pt"])
 

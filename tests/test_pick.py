@@ -131,7 +131,8 @@ def test_pick_ships_the_point_without_searching_and_leaves_r_alone(parent, capsy
     assert os.stat(child_sn).st_ino == os.stat(sn).st_ino or child_sn.read_bytes() == sn.read_bytes()
     assert (child / table.name).read_bytes() == table.read_bytes()
     state = json.loads((child / "state.json").read_text())
-    assert state["supernet"]["reused_from"] == str(root) and set(state) == {"supernet", "search", "finetune", "report"}
+    assert state["supernet"]["reused_from"] == str(root)
+    assert set(state) == {"supernet", "search", "race", "finetune", "report"}
     assert not (child / "search_ppo.jsonl").exists() and not (child / "search_random.jsonl").exists()
     wanted = candidate_records(parent["records"])
     rescored = Archive(child / "archive.jsonl").records()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from s2d.measure.network import evaluate_static
 from s2d.measure.temperature import fit_stage_temperatures
 from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
+from s2d.pipeline.format import race_markdown, stages_summary
 from s2d.pipeline.report import RowMeter, ThresholdChooser, cheapest_points, write_report
 from s2d.runs import Run, open_run, write_json_atomic
 from s2d.search.archive import Archive
@@ -70,18 +72,20 @@ class Budget:
     # a wall clock, so that the network a user gets does not depend on how loaded the machine was.
     static_stage_steps: int = 0  # KD steps of a cascade's recomputed static last stage (0: it stays the static net)
     supernet_random_archs: int = 1  # random archs per supernet step, after the pruned networks (SearchSpace.sandwich)
+    race_archs: int = 1  # searched archs fine-tuned ``race_steps`` steps each before the best goes on (1: no race)
+    race_steps: int = 0  # steps of the fine-tune's schedule each raced arch trains before they are scored again
 
 
 BUDGETS = {
     "tiny": Budget(supernet_steps=3, evaluations=4, search_val_images=200, finetune_steps=2, batch_size=32,
                    compare_random=True, test_limit=300, report_val_images=300, head_images=500, bn_images=250,
                    probe_images=200, final_head_images=500, speed_repeats=2, latency_images=16,  # smoke, not data
-                   speed_rounds=1, static_stage_steps=2),
+                   speed_rounds=1, static_stage_steps=2, race_archs=2, race_steps=1),
     # tiny checkpoints (and probes) at every one of its 3 steps, and every evaluation recalibrates batch norm:
     # 1000 probe images and 500 batch-norm images were a third of a tiny conversion
     "small": Budget(supernet_steps=450, evaluations=40, search_val_images=2000, finetune_steps=60,
                     batch_size=128, compare_random=False, bn_images=1000, narrow_finetune_steps=1500,
-                    supernet_random_archs=0),
+                    supernet_random_archs=0, race_archs=3, race_steps=300),
     # No random arch per step: it was a third of a step's time (0.8 against 1.07 steps/s), and the demo's
     # searches were won by the seed cascades [w, static], whose narrow stage is a pruned network, trained
     # without it (runs/demo2, runs/demo3: the three best archs were seeds). The full budget keeps it: there
@@ -100,7 +104,7 @@ BUDGETS = {
     # about 0.07 points with its schedule alone
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,
                    batch_size=128, compare_random=False, head_images=20000, bn_images=1000, narrow_finetune_steps=4000,
-                   static_stage_steps=2000),
+                   static_stage_steps=2000, race_archs=3, race_steps=500),
 }
 
 
@@ -139,6 +143,33 @@ def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True, images
     within = best["mac_ratio"] + mac_ratio_standard_error(best, images)
     ties = [r for r in feasible if r["mac_ratio"] <= within]
     return min(ties, key=lambda r: (len(r["arch"]["stages"]), -r["reward"]))
+
+
+def race_candidates(records: list[dict[str, Any]], best: dict[str, Any], k: int, *, must_meet: bool = True
+                    ) -> list[dict[str, Any]]:
+    """The archs to race in the fine-tune: ``best`` first, then the best rewards among the other archs that keep
+    the promise (any arch in budget mode), ``k`` at most. Only archs that train: a full-width arch keeps the
+    static weights and fits only its heads, so a short fine-tune says nothing of it (nor is it raced when it is
+    ``best``). The supernet ranks near-equal archs by what its shared weights give them, not by what a fine-tune
+    makes of them: on ResNet-20's demo it put [0.5, static] first and [0.375, static] second (MAC ratios 0.429 and
+    0.444 on 2000 validation images); fine-tuned 1500 steps each they scored 0.304 and 0.244, and 300 steps already
+    ranked them so (0.429 and 0.394)."""
+    def trains(r: dict[str, Any]) -> bool:
+        return not MultiStageArch.from_dict(r["arch"]).is_full_width
+
+    if best.get("fallback") or not trains(best):
+        return [best]
+    key = MultiStageArch.from_dict(best["arch"]).key()
+    out, keys = [best], {key}
+    for r in sorted(records, key=lambda r: -r["reward"]):
+        if len(out) >= k:
+            break
+        arch_key = MultiStageArch.from_dict(r["arch"]).key()
+        if arch_key in keys or not trains(r) or (must_meet and not r["meets_target"]):
+            continue
+        out.append(r)
+        keys.add(arch_key)
+    return out
 
 
 STATIC_STAGES = ("distilled", "untouched")  # a distilled cascade's last stage, then its certification twin's
@@ -500,7 +531,9 @@ class Pipeline:
             best = {"arch": static_arch().to_dict(), "fallback": True}
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
-        self._done("search", summaries=summaries, best=best, fallback=fallback)
+        race = race_candidates(main, best, self.budget.race_archs, must_meet=must_meet)
+        self._done("search", summaries=summaries, best=best, fallback=fallback,
+                   race=[r["arch"] for r in race] if len(race) > 1 else [])
         return best
 
     def finetune_phase(self) -> None:
@@ -520,20 +553,77 @@ class Pipeline:
                 self._fit_heads_on_static(arch)
             distributed.barrier()
         else:
-            if arch.is_cascade:
+            raced = [MultiStageArch.from_dict(a) for a in self.state.get("search", {}).get("race", [])]
+            if any(a.is_cascade for a in [arch, *raced]):  # before the race: every candidate ends in the same copy
                 self.distil_static_stage()
             steps = self.budget.narrow_finetune_steps or self.budget.finetune_steps
-            if not (self.run.checkpoints / "finetune.pt").exists():  # a resumed fine-tune has its weights there
-                # Start from the importance-ordered static weights, as a static pruner does: measured on
-                # ResNet-20 (width 0.5, 1500 steps) 92.65 % test from them against 91.9 % from the shared
-                # supernet weights, which the narrow archs' training pulls away from the static ones.
-                self.supernet.restore_static(self.ordered)
-                self._arch_statistics(self.supernet)
             cfg = self.train_config(steps)
             cfg.lr = FINETUNE_LR
+            if len(raced) > 1:
+                arch = self.race(raced, cfg)
+            if not (self.run.checkpoints / "finetune.pt").exists():  # a resumed fine-tune has its weights there
+                self._start_finetune()
             train_archs(self.supernet, self.teacher, self.data, lambda rng: [arch], cfg, self.run,
                         ckpt_name="finetune.pt", tag="finetune", device=self.cfg.device, progress=self.progress)
         self._done("finetune", checkpoint="checkpoints/finetune.pt")
+
+    def _start_finetune(self) -> None:
+        """Start an arch's fine-tune from the importance-ordered static weights, as a static pruner does: measured on
+        ResNet-20 (width 0.5, 1500 steps) 92.65 % test from them against 91.9 % from the shared supernet weights,
+        which the narrow archs' training pulls away from the static ones."""
+        self.supernet.restore_static(self.ordered)
+        self._arch_statistics(self.supernet)
+
+    def race(self, archs: list[MultiStageArch], cfg: SupernetConfig) -> MultiStageArch:
+        """Successive halving down to one: fine-tune each arch the first ``race_steps`` steps of its schedule, score
+        it again on the search's validation images (the search's reward, the arch now trained alone), and go on
+        with the best one from where it stopped; the others' checkpoints are deleted. The choice is recorded
+        (``state.json``'s ``race``, TensorBoard text ``finetune/race``) and a resumed run keeps it."""
+        ckpts = self.run.checkpoints
+        # named after the arch, so that a checkpoint can only ever resume the arch it trained
+        names = [f"race-{hashlib.sha1(a.key().encode()).hexdigest()[:12]}.pt" for a in archs]
+        done = self.state.get("race")
+        if done is None:
+            started, scores = time.perf_counter(), []
+            for i, arch in enumerate(archs):
+                if not (ckpts / names[i]).exists():
+                    self._start_finetune()
+                train_archs(self.supernet, self.teacher, self.data, lambda rng, arch=arch: [arch], cfg, self.run,
+                            ckpt_name=names[i], tag=f"finetune/race{i}", device=self.cfg.device,
+                            progress=self.progress, until=self.budget.race_steps)
+                checkpoint.load_into(self.supernet, checkpoint.load(ckpts / names[i])["state_dict"],
+                                     str(ckpts / names[i]))  # when it was done earlier, train_archs loaded nothing
+                self._arch_statistics(self.supernet)
+                # the whole search split and no archive: the archive keeps the supernet's scores
+                scores.append(self.evaluator(None, full_width=False).evaluate(arch).to_record())
+            winner = distributed.broadcast(max(range(len(archs)), key=lambda i: (scores[i]["reward"], -i)))
+            done = {"steps": self.budget.race_steps, "winner": winner, "arch": archs[winner].to_dict(),
+                    "scores": [{"arch": stages_summary(a.to_dict()),
+                                **{k: sc[k] for k in ("reward", "mac_ratio", "accuracy", "meets_target")}}
+                               for a, sc in zip(archs, scores, strict=True)],
+                    "seconds": time.perf_counter() - started}
+            self._record_race(done)
+        winner = done["winner"]
+        if not (ckpts / "finetune.pt").exists() and distributed.current().is_main:
+            (ckpts / names[winner]).replace(ckpts / "finetune.pt")
+        distributed.barrier()
+        if distributed.current().is_main:
+            for name in names:
+                (ckpts / name).unlink(missing_ok=True)
+        return MultiStageArch.from_dict(done["arch"])
+
+    def _record_race(self, done: dict[str, Any]) -> None:
+        self.state["race"] = done
+        if not distributed.current().is_main:
+            return
+        write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.run.root / "best_arch.json", done["arch"])
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.run.tensorboard / "finetune")) as writer:
+            writer.add_text("finetune/race", "\n".join(race_markdown(done)))
+            for i, sc in enumerate(done["scores"]):
+                writer.add_scalar("finetune/race_mac_ratio", sc["mac_ratio"], i)
 
     def distil_static_stage(self) -> None:
         """Distil the copy of the static network that a cascade's last stage recomputes, from the static model,
@@ -580,7 +670,7 @@ class Pipeline:
         """The searched arch (``state.json``'s search result, else ``best_arch.json``: the report rewrites that
         file with the shipped network, which after a fallback is not the one fine-tuned, so a re-run of the
         report must not read it back); calibrated thresholds are dropped, searched ones kept."""
-        best = self.state.get("search", {}).get("best", {}).get("arch")
+        best = self.state.get("race", {}).get("arch") or self.state.get("search", {}).get("best", {}).get("arch")
         arch = MultiStageArch.from_dict(best if best else json.loads((self.run.root / "best_arch.json").read_text()))
         if keep_thresholds:
             return arch
@@ -691,6 +781,7 @@ class Pipeline:
             "operating_points": points, "budget_points": budget_points,
             "search": self.state.get("search", {}).get("summaries", {}), "threads": torch.get_num_threads(),
             "layout": INFERENCE_LAYOUT, "fallback": fallback, "static_stage": static_stage if twin else None,
+            "race": self.state.get("race"),
         }
         write_report(self.run.root, report, self.archive.records())
         self._done("report", report="report.md")

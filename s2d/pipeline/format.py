@@ -130,6 +130,8 @@ def report_markdown(r: dict[str, Any]) -> str:
                          f"{sm.get('evaluations_to_best')} | {'-' if ratio is None else f'{ratio:.3f}'} | "
                          f"{sm.get('evaluations_to_that_ratio') or '-'} |")
         lines.append("")
+    if r.get("race"):
+        lines += ["## Fine-tune race", "", *race_markdown(r["race"]), ""]
     lines += ["Rows marked (supernet) use the shared supernet weights, except archs whose stages are all full "
               "width (static, depth_only): those are the static network plus exit heads, scored with the static "
               "weights and linear-probe heads. The chosen network is fine-tuned on its own afterwards (a full-width "
@@ -138,6 +140,18 @@ def report_markdown(r: dict[str, Any]) -> str:
               "image over single test images with real early exits (each image's fastest of 3 paired calls), as a "
               "user sending them one by one waits.", ""]
     return "\n".join(lines)
+
+
+def race_markdown(race: dict[str, Any]) -> list[str]:
+    """The fine-tune's race (``Pipeline.race``) as markdown lines: each raced arch's score after its first steps."""
+    lines = [f"The searched archs below were each fine-tuned for the first {race['steps']} steps of the fine-tune and "
+             "scored again on the search's validation images; the best went on:", "",
+             "| arch | validation MAC ratio | accuracy (%) | reward |", "|---|---|---|---|"]
+    for i, sc in enumerate(race["scores"]):
+        mark = " (fine-tuned on)" if i == race["winner"] else ""
+        lines.append(f"| {sc['arch']}{mark} | {sc['mac_ratio']:.4f} | {sc['accuracy'] * 100:.2f} | "
+                     f"{sc['reward']:.4f} |")
+    return lines
 
 
 def stages_summary(arch: dict[str, Any]) -> str:

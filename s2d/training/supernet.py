@@ -60,8 +60,12 @@ ArchSampler = Callable[[np.random.Generator], list[MultiStageArch]]  # the archs
 
 def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sampler: ArchSampler,
                 cfg: SupernetConfig, run: Run, *, ckpt_name: str, tag: str, device: str = "cpu",
-                progress: bool = True, probe_archs: list[MultiStageArch] | None = None) -> dict[str, float]:
+                progress: bool = True, probe_archs: list[MultiStageArch] | None = None,
+                until: int | None = None) -> dict[str, float]:
     """Fine-tune ``supernet`` on the archs ``sampler`` draws per batch; resumable, logged.
+
+    ``until`` stops (and checkpoints) after that many of the ``cfg.steps`` steps, on their schedule: a later
+    call goes on from there as a resumed run does (an arch race trains every candidate that far).
 
     With ``cfg.bn == "batch"`` every arch trains with its own batch statistics (an arch
     with narrow early stages drops weight blocks, so its activations have other statistics
@@ -93,7 +97,8 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
         sched.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         step = state["step"]
-    if step >= cfg.steps:
+    stop = cfg.steps if until is None else min(until, cfg.steps)
+    if step >= stop:
         return {}
     world = distributed.current()
     writer = SummaryWriter(str(run.tensorboard / tag), purge_step=step) if world.is_main else None
@@ -115,7 +120,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
     stats: dict[str, float] = {}
     seen: set[str] = set()  # archs drawn so far: the second draw of one times its layouts
     try:
-        while step < cfg.steps:
+        while step < stop:
             try:
                 x, y = next(it)
             except StopIteration:
@@ -147,7 +152,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
             sched.step()
             step += 1
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == stop:
                 if probe_archs and world.is_main:
                     stats = probe(supernet, probe_archs, data, device=device, images=cfg.probe_images)
                     for k, v in stats.items():
