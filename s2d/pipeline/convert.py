@@ -148,27 +148,31 @@ def choose_arch(records: list[dict[str, Any]], *, must_meet: bool = True, images
 def race_candidates(records: list[dict[str, Any]], best: dict[str, Any], k: int, *, must_meet: bool = True
                     ) -> list[dict[str, Any]]:
     """The archs to race in the fine-tune: ``best`` first, then the best rewards among the other archs that keep
-    the promise (any arch in budget mode), ``k`` at most. Only archs that train: a full-width arch keeps the
-    static weights and fits only its heads, so a short fine-tune says nothing of it (nor is it raced when it is
-    ``best``). The supernet ranks near-equal archs by what its shared weights give them, not by what a fine-tune
-    makes of them: on ResNet-20's demo it put [0.5, static] first and [0.375, static] second (MAC ratios 0.429 and
-    0.444 on 2000 validation images); fine-tuned 1500 steps each they scored 0.304 and 0.244, and 300 steps already
-    ranked them so (0.429 and 0.394)."""
-    def trains(r: dict[str, Any]) -> bool:
-        return not MultiStageArch.from_dict(r["arch"]).is_full_width
+    the promise (any arch in budget mode), ``k`` at most, each with a first stage (width and exit) none of the
+    others has: variants that differ only after the first exit (a search's neighbours) would race the same
+    question twice. Only archs that train: a full-width arch keeps the static weights and fits only its heads, so
+    a short fine-tune says nothing of it (nor is it raced when it is ``best``).
 
-    if best.get("fallback") or not trains(best):
+    Why race at all: the supernet ranks near-equal archs by what its shared weights give them, not by what a
+    fine-tune makes of them. On ResNet-20's demo it put [0.5, static] first and [0.375, static] second (MAC ratios
+    0.429 and 0.444 on 2000 validation images); fine-tuned 1500 steps each they scored 0.304 and 0.244 there, and
+    300 steps already ranked them so (0.429 and 0.394)."""
+    def first(r: dict[str, Any]) -> tuple[float, str] | None:
+        """The arch's first stage, None for an arch that does not train."""
+        arch = MultiStageArch.from_dict(r["arch"])
+        return None if arch.is_full_width else (arch.stages[0].width, arch.stages[0].exit)
+
+    if best.get("fallback") or first(best) is None:
         return [best]
-    key = MultiStageArch.from_dict(best["arch"]).key()
-    out, keys = [best], {key}
+    out, firsts = [best], {first(best)}
     for r in sorted(records, key=lambda r: -r["reward"]):
         if len(out) >= k:
             break
-        arch_key = MultiStageArch.from_dict(r["arch"]).key()
-        if arch_key in keys or not trains(r) or (must_meet and not r["meets_target"]):
+        head = first(r)
+        if head is None or head in firsts or (must_meet and not r["meets_target"]):
             continue
         out.append(r)
-        keys.add(arch_key)
+        firsts.add(head)
     return out
 
 
