@@ -151,6 +151,7 @@ def test_convert_end_to_end(converted):
     assert state["search"]["race"][0] == state["search"]["best"]["arch"]
     assert race["winner"] == max(range(2), key=lambda i: (race["scores"][i]["reward"], -i))
     assert MultiStageArch.from_dict(race["arch"]).stages == best.stages
+    assert race["arch"]["thresholds"] == []  # each raced arch is scored at thresholds calibrated for it, now
     assert not list((run / "checkpoints").glob("race-*.pt"))
     tiny = BUDGETS["tiny"]
     assert checkpoint.load(run / "checkpoints" / "finetune.pt")["step"] == (tiny.narrow_finetune_steps

@@ -557,7 +557,8 @@ class Pipeline:
                 self._fit_heads_on_static(arch)
             distributed.barrier()
         else:
-            raced = [MultiStageArch.from_dict(a) for a in self.state.get("search", {}).get("race", [])]
+            raced = [self._searched_part(MultiStageArch.from_dict(a))
+                     for a in self.state.get("search", {}).get("race", [])]
             if any(a.is_cascade for a in [arch, *raced]):  # before the race: every candidate ends in the same copy
                 self.distil_static_stage()
             steps = self.budget.narrow_finetune_steps or self.budget.finetune_steps
@@ -676,8 +677,11 @@ class Pipeline:
         report must not read it back); calibrated thresholds are dropped, searched ones kept."""
         best = self.state.get("race", {}).get("arch") or self.state.get("search", {}).get("best", {}).get("arch")
         arch = MultiStageArch.from_dict(best if best else json.loads((self.run.root / "best_arch.json").read_text()))
-        if keep_thresholds:
-            return arch
+        return arch if keep_thresholds else self._searched_part(arch)
+
+    def _searched_part(self, arch: MultiStageArch) -> MultiStageArch:
+        """``arch`` without the thresholds its evaluation calibrated (those belong to the network it was scored
+        as); searched ones (``--search-thresholds``) are part of the candidate and stay."""
         return MultiStageArch(arch.stages, arch.exit_rule, arch.thresholds if self.cfg.search_thresholds else ())
 
     def _static_stage(self, key: str) -> contextlib.AbstractContextManager[None]:
