@@ -580,10 +580,10 @@ class Pipeline:
         self._arch_statistics(self.supernet)
 
     def race(self, archs: list[MultiStageArch], cfg: SupernetConfig) -> MultiStageArch:
-        """Successive halving down to one: fine-tune each arch the first ``race_steps`` steps of its schedule, score
-        it again on the search's validation images (the search's reward, the arch now trained alone), and go on
-        with the best one from where it stopped; the others' checkpoints are deleted. The choice is recorded
-        (``state.json``'s ``race``, TensorBoard text ``finetune/race``) and a resumed run keeps it."""
+        """One round of successive halving, straight down to one arch: fine-tune each the first ``race_steps`` steps
+        of its schedule, score it again on the search's validation images (the search's reward, the arch now trained
+        alone), and go on with the best one from where it stopped; the others' checkpoints are deleted. The choice
+        is recorded (``state.json``'s ``race``, TensorBoard text ``finetune/race``) and a resumed run keeps it."""
         ckpts = self.run.checkpoints
         # named after the arch, so that a checkpoint can only ever resume the arch it trained
         names = [f"race-{hashlib.sha1(a.key().encode()).hexdigest()[:12]}.pt" for a in archs]
@@ -609,7 +609,8 @@ class Pipeline:
                     "seconds": time.perf_counter() - started}
             self._record_race(done)
         winner = done["winner"]
-        if not (ckpts / "finetune.pt").exists() and distributed.current().is_main:
+        # (a winner's checkpoint gone missing: its fine-tune starts again from the static weights)
+        if not (ckpts / "finetune.pt").exists() and (ckpts / names[winner]).exists() and distributed.current().is_main:
             (ckpts / names[winner]).replace(ckpts / "finetune.pt")
         distributed.barrier()
         if distributed.current().is_main:
