@@ -30,14 +30,17 @@ def _record(widths: list[float], reward: float, meets: bool = True, cascade: boo
 def test_the_chosen_arch_races_the_next_best_archs_that_train():
     best = _record([0.5], 0.57)
     again = _record([0.5], 0.50)  # the same network (another encoding's record): raced once
-    neighbour = _record([0.5, 0.75], 0.56)  # the same first stage, another stage after it: the same question
-    elsewhere = _record([0.375, 0.75], 0.52, exits=["layer3.0", "output"])  # a first exit of its own: raced
+    neighbour = _record([0.5], 0.56, exits=["layer3.0"])  # another first exit at the same width: raced
+    deeper = _record([0.375, 0.75], 0.60)  # more stages: the structure the search chose stays
     recs = [_record([1.0, 1.0], 0.90, cascade=False),  # full width: fits only its heads, nothing to race
             _record([0.25], 0.80, meets=False),  # breaks the promise
-            best, again, neighbour, _record([0.375], 0.55), elsewhere, _record([0.25], 0.51), _record([0.125], 0.45)]
+            best, again, deeper, neighbour, _record([0.375], 0.55), _record([0.25], 0.51), _record([0.125], 0.45)]
     got = race_candidates(recs, best, 3)
-    assert [r["arch"]["stages"][0]["width"] for r in got] == [0.5, 0.375, 0.375] and got[0] is best
-    assert got[2] is elsewhere and race_candidates(recs, best, 4)[3]["arch"]["stages"][0]["width"] == 0.25
+    assert [r["arch"]["stages"][0]["width"] for r in got] == [0.5, 0.5, 0.375] and got[0] is best
+    assert got[1] is neighbour and race_candidates(recs, best, 4)[3]["arch"]["stages"][0]["width"] == 0.25
+    # the same first stage with other stages after it asks the same question: one of them races
+    twins = [best, _record([0.5, 0.75], 0.56), _record([0.5, 0.875], 0.55), _record([0.25, 0.75], 0.5)]
+    assert race_candidates(twins, twins[1], 3) == [twins[1], twins[3]]
     assert race_candidates(recs, best, 1) == [best]
     # budget mode promises a cost, not an accuracy: the nearest archs race whatever their accuracy
     assert [r["arch"]["stages"][0]["width"] for r in race_candidates(recs, best, 2, must_meet=False)] == [0.5, 0.25]
