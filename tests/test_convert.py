@@ -459,6 +459,7 @@ def test_a_cascade_that_saves_nothing_is_not_shipped(tmp_path, tiny_run, monkeyp
     cascade = {"stages": [{"width": 0.25, "exit": "output"}, {"width": 1.0, "exit": "output", "recompute": True}],
                "exit_rule": "max_softmax", "thresholds": []}
     monkeypatch.setattr(convert, "choose_arch", lambda records, must_meet=True, images=None: {"arch": cascade})
+    monkeypatch.setattr(convert, "race_candidates", lambda records, best, k, must_meet=True: [best])
     certify = report_mod.certify
     monkeypatch.setattr(report_mod, "certify", lambda seq, *a, **k: certify(seq[:1], *a, **k))  # exit nobody
     run = tmp_path / "run"

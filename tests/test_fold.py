@@ -62,9 +62,10 @@ def test_a_width_quarter_stage_is_folded_by_two_and_computes_the_same_logits(sn)
     with torch.no_grad():
         for n in (64, 63, 3):  # a multiple of k, a padded batch, a batch that runs plain
             x = _images(n)
-            torch.testing.assert_close(stage(x)[0], plain(x)[0], atol=1e-5, rtol=0)
+            # (rtol: float32 rounding of logits in the tens, which AVX-512 kernels sum in another order)
+            torch.testing.assert_close(stage(x)[0], plain(x)[0], atol=1e-5, rtol=1e-6)
             # one image's logits do not depend on the batch it came in (padding adds blank images)
-            torch.testing.assert_close(stage(x)[0][:1], plain(x[:1])[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(stage(x)[0][:1], plain(x[:1])[0], atol=1e-5, rtol=1e-6)
     folded = {n: m for n, m in stage.folded.named_children() if n.endswith("_folded")}
     # the stem, layer1's six 4-channel convs, and the two convs reading layer1 (into 8 channels, strided)
     assert len(folded) == 9 and sum(m.in_channels == m.out_channels == 8 for m in folded.values()) == 6

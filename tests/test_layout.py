@@ -11,7 +11,7 @@ import torch
 from s2d.models import get_model
 from s2d.runs import Run
 from s2d.training.distill import kd_finetune
-from s2d.training.layout import TIMED_STEPS, channels_last_is_safe, faster_layout, time_layouts
+from s2d.training.layout import TIMED_STEPS, channels_last_is_safe, faster_layout, safe_channels, time_layouts
 from s2d.training.supernet import SupernetConfig, train_archs
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet
@@ -47,7 +47,10 @@ def test_networks_with_narrow_convs_are_not_trained_in_channels_last(width, safe
     if safe == "AVX2":  # 8/16/32 channels: enough for AVX2's block of 8, not for AVX-512's 16
         safe = torch.backends.cpu.get_cpu_capability() == "AVX2"
     assert channels_last_is_safe(lambda: sn.forward_stages(x, arch)) is safe  # the stem reads 1 channel: allowed
-    assert channels_last_is_safe(lambda: get_model("mobilenetv2", 10, 1)(x))  # depthwise: 1 channel a group
+    depthwise = torch.nn.Conv2d(32, 32, 3, groups=32)  # 1 channel a group
+    assert channels_last_is_safe(lambda: depthwise(torch.randn(2, 32, 8, 8)))
+    # the zoo's MobileNetV2 reads 8 channels somewhere (and 1 a group in its depthwise convs): AVX2's block only
+    assert channels_last_is_safe(lambda: get_model("mobilenetv2", 10, 1)(x)) is (safe_channels() == 8)
     assert not channels_last_is_safe(lambda: torch.nn.Conv2d(4, 8, 1, stride=2)(torch.randn(2, 4, 8, 8)))
 
 
@@ -91,7 +94,8 @@ def test_kd_finetune_measures_the_layout_on_a_copy_by_default():
 def test_an_arch_drawn_again_trains_in_its_faster_layout_with_the_same_gradients(tmp_path, monkeypatch):
     torch.manual_seed(0)
     sn = SuperNet(get_model("resnet20", 10, 1), (1, 28, 28), 10)
-    arch = MultiStageArch.from_dict({"stages": [{"width": 0.5, "exit": "output"}]})
+    # full width: safe on AVX-512 too (every conv reads 1 or at least 16 channels; width 0.5 reads 8)
+    arch = MultiStageArch.from_dict({"stages": [{"width": 1.0, "exit": "output"}]})
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     grads = {}
     for layout in (torch.contiguous_format, torch.channels_last):
