@@ -600,6 +600,8 @@ class Pipeline:
         done = self.state.get("race")
         if done is None:
             started, scores = time.perf_counter(), []
+            # the whole search split and no archive: the archive keeps the supernet's scores
+            evaluator = self.evaluator(None, full_width=False)
             for i, arch in enumerate(archs):
                 if not (ckpts / names[i]).exists():
                     self._start_finetune()
@@ -609,8 +611,7 @@ class Pipeline:
                 checkpoint.load_into(self.supernet, checkpoint.load(ckpts / names[i])["state_dict"],
                                      str(ckpts / names[i]))  # when it was done earlier, train_archs loaded nothing
                 self._arch_statistics(self.supernet)
-                # the whole search split and no archive: the archive keeps the supernet's scores
-                scores.append(self.evaluator(None, full_width=False).evaluate(arch).to_record())
+                scores.append(evaluator.evaluate(arch).to_record())
             winner = distributed.broadcast(max(range(len(archs)), key=lambda i: (scores[i]["reward"], -i)))
             done = {"steps": self.budget.race_steps, "winner": winner, "arch": archs[winner].to_dict(),
                     "scores": [{"arch": stages_summary(a.to_dict()),
