@@ -17,6 +17,10 @@ import yaml
 
 from s2d.errors import RunDirError
 
+# The phases of ``s2d convert``, in order, each recorded in ``state.json`` with its wall clock. Other entries there
+# (the fine-tune's ``race``) are parts of a phase: their seconds are already in the phase's.
+PHASES = ("supernet", "search", "finetune", "report")
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)

@@ -122,6 +122,10 @@ def test_conversion_seconds_prefers_phase_seconds(tmp_path):
     os.utime(tmp_path / "state.json", (t0 + 600, t0 + 600))
     seconds, how = conversion_seconds(tmp_path)
     assert seconds == pytest.approx(150.5) and "state.json" in how
+    write_json_atomic(tmp_path / "state.json", {"supernet": {"seconds": 100.0}, "search": {"seconds": 50.5},
+                                                "race": {"seconds": 30.0}, "finetune": {"seconds": 40.0}})
+    seconds, how = conversion_seconds(tmp_path)  # the race ran inside the fine-tune: counted once
+    assert seconds == pytest.approx(190.5) and "race" not in how
     write_json_atomic(tmp_path / "state.json", {"supernet": {"seconds": 100.0}, "search": {}})  # one phase lacks it
     assert "file times" in conversion_seconds(tmp_path)[1]
 

@@ -44,7 +44,7 @@ from s2d.measure.network import RATIO_KEYS, paired_figures_in_rounds
 from s2d.measure.significance import paired_comparison
 from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
-from s2d.runs import write_json_atomic, write_text_atomic
+from s2d.runs import PHASES, write_json_atomic, write_text_atomic
 from s2d.training.distill import kd_finetune
 from s2d.training.prune import prune_to_mac_ratio, restore_pruned
 from s2d.transform.stages import INFERENCE_LAYOUT
@@ -108,7 +108,7 @@ def conversion_seconds(run_dir: str | Path) -> tuple[float, str]:
     root = Path(run_dir)
     state_path = root / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    phases = {k: v for k, v in state.items() if isinstance(v, dict)}
+    phases = {k: state[k] for k in PHASES if isinstance(state.get(k), dict)}  # not the race: the fine-tune has it
     if phases and all(isinstance(v.get("seconds"), (int, float)) for v in phases.values()):
         total = float(sum(v["seconds"] for v in phases.values()))
         parts = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in phases.items())
