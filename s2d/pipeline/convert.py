@@ -108,11 +108,11 @@ BUDGETS = {
     # 93.40 % to 93.59 / 93.61 / 93.49 % (ResNet-20, the same narrow stage; static 93.50 %). 3000 steps (+5 min, the
     # same supernet, search and narrow stage) gave 93.52 / 93.51 / 93.48 %: no gain, the copy's accuracy moves by
     # about 0.07 points with its schedule alone
-    # 10000 narrow fine-tune steps instead of 4000 (+6.8 min; runs/full-r20-v10-long against runs/full-r20-v10, the
-    # same supernet, search, race winner and static stage): the first stage alone 93.44 % against 93.20 % on the
-    # validation images, and on test certified 5.79x at +0.03 points against 5.03x at -0.24 (0.5 points), budget
-    # points 93.57 / 93.60 / 93.60 % against 93.57 / 93.53 / 93.39 %. A pruner's KD fine-tune of the same wall clock
-    # takes about 20000 steps; the narrow stage was the under-trained part of the conversion.
+    # 10000 narrow fine-tune steps instead of 4000 (+12.5 min, 47.2 in all; runs/full-r20-v10-long against
+    # runs/full-r20-v10, the same supernet, search, race winner and static stage): the first stage alone 93.44 %
+    # against 93.20 % on the validation images, and on test certified 5.79x at +0.03 points against 5.03x at -0.24
+    # (0.5 points), budget points 93.57 / 93.60 / 93.60 % against 93.57 / 93.53 / 93.39 %. A pruner's KD fine-tune
+    # of the same wall clock takes about 20000 steps; the narrow stage was the under-trained part of the conversion.
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,
                    batch_size=128, compare_random=False, head_images=20000, bn_images=1000,
                    narrow_finetune_steps=10000, static_stage_steps=2000, race_archs=3, race_steps=1300),
