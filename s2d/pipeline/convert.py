@@ -36,7 +36,7 @@ from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
 from s2d.pipeline.format import race_markdown, stages_summary
 from s2d.pipeline.report import RowMeter, ThresholdChooser, cheapest_points, write_report
-from s2d.runs import Run, open_run, write_json_atomic
+from s2d.runs import PHASES, Run, open_run, write_json_atomic
 from s2d.search.archive import Archive
 from s2d.search.evaluator import ArchEvaluator, Objective
 from s2d.search.runner import ALGOS, run_search
@@ -74,9 +74,9 @@ class Budget:
     supernet_random_archs: int = 1  # random archs per supernet step, after the pruned networks (SearchSpace.sandwich)
     race_archs: int = 1  # searched archs fine-tuned ``race_steps`` steps each before the best goes on (1: no race)
     race_steps: int = 0  # steps of the fine-tune's schedule each raced arch trains before they are scored again
-    # (well past the warm-up, the schedule's first tenth: on the full budget's ResNet-20 supernet 500 of 4000 steps,
-    # barely past the 400-step warm-up, put [0.5, static] ahead of [0.375, static], 0.304 against 0.344; 800 steps
-    # put them 0.329 and 0.269)
+    # (well past the warm-up, which is the schedule's first tenth: on the full budget's ResNet-20 supernet 500 of
+    # 4000 steps, barely past the 400-step warm-up, put [0.5, static] ahead of [0.375, static], 0.304 against 0.344;
+    # 800 steps put them 0.329 and 0.269)
 
 
 BUDGETS = {
@@ -407,7 +407,8 @@ class Pipeline:
 
     def _done(self, phase: str, **result: Any) -> None:
         """Record a finished phase with its wall clock in this process (what `s2d bench peers` gives the
-        peers: the same time s2d took)."""
+        peers: the same time s2d took, summed over ``PHASES``)."""
+        assert phase in PHASES, f"{phase!r} is not one of {PHASES}: bench peers would not count its seconds"
         started = self._started.pop(phase, None)
         if started is not None:
             result["seconds"] = time.perf_counter() - started  # a resumed phase counts its last run only
