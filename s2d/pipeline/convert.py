@@ -113,6 +113,8 @@ BUDGETS = {
     # against 93.20 % on the validation images, and on test certified 5.79x at +0.03 points against 5.03x at -0.24
     # (0.5 points), budget points 93.57 / 93.60 / 93.60 % against 93.57 / 93.53 / 93.39 %. A pruner's KD fine-tune
     # of the same wall clock takes about 20000 steps; the narrow stage was the under-trained part of the conversion.
+    # From scratch (runs/full-r20-v11) the budget took 54.0 min, not 47.2: its search's leaders included a
+    # non-cascade arch that races at half the cascades' speed (race 10.6 min). Certified 5.75x at -0.16 points.
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,
                    batch_size=128, compare_random=False, head_images=20000, bn_images=1000,
                    narrow_finetune_steps=10000, static_stage_steps=2000, race_archs=3, race_steps=1300),
