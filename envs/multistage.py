@@ -1,6 +1,7 @@
 """``s2d/MultiStage-v0``: build one ``MultiStageArch`` per episode, one decision per step.
 
-Step 0 picks the number of stages; then, per stage, its width, its exit point (the last
+Step 0 picks the number of stages; then, per stage, its width (and whether it tapers over the
+sections, when the space has ``section_widths``), its exit point (the last
 stage: whether it recomputes the static network instead), one feature-reuse flag per
 section and (optionally) its exit threshold. Actions are
 ``Discrete(max_options)``; ``action_masks()`` (for sb3-contrib's MaskablePPO) marks the
@@ -31,8 +32,11 @@ class MultiStageEnv(gym.Env):
         self.render_mode = render_mode
         self.action_space = gym.spaces.Discrete(space.max_options)
         s, k = space.max_stages, space.num_sections
-        self._per_stage = 5 + k  # set?, width, exit, threshold, recompute, reuse flags
-        size = len(KINDS) + s + k + (s + 1) + s * self._per_stage
+        # the taper decision only where the space has it: observations of other spaces keep their shape (and a
+        # PPO checkpoint of an older run still loads)
+        self.kinds = (*KINDS, "taper") if space.section_widths else KINDS
+        self._per_stage = 5 + k + int(space.section_widths)  # set?, width, exit, threshold, recompute, reuse, taper
+        size = len(self.kinds) + s + k + (s + 1) + s * self._per_stage
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(size,), dtype=np.float32)
         self._reset_state()
 
@@ -56,12 +60,12 @@ class MultiStageEnv(gym.Env):
         d = self.decision if self.queue else None
         i = 0
         if d is not None:
-            obs[KINDS.index(d.kind)] = 1
+            obs[self.kinds.index(d.kind)] = 1
             if d.stage >= 0:
-                obs[len(KINDS) + d.stage] = 1
+                obs[len(self.kinds) + d.stage] = 1
             if d.section >= 0:
-                obs[len(KINDS) + s_max + d.section] = 1
-        i = len(KINDS) + s_max + k
+                obs[len(self.kinds) + s_max + d.section] = 1
+        i = len(self.kinds) + s_max + k
         if self.num_stages:
             obs[i + self.num_stages] = 1
         i += s_max + 1
@@ -80,6 +84,8 @@ class MultiStageEnv(gym.Env):
             obs[base + 4] = self.chosen.get(("recompute", st), 0)
             for sec in range(k):
                 obs[base + 5 + sec] = self.chosen.get(("reuse", st, sec), 0)
+            if sp.section_widths:
+                obs[base + 5 + k] = self.chosen.get(("taper", st), 0)
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:

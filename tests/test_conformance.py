@@ -77,6 +77,12 @@ def test_torchvision_model_converts(name, tmp_path):
 
         net = sn.materialise(arch.with_thresholds([0.5]))
         assert_stages_close(net.forward_all(x), got, tol=1e-4, relative=True)
+
+        # per-section widths, alternating (every section boundary changes the width), tied channels kept tied
+        k = graph.num_sections
+        widths = [0.375 if i % 2 == 0 else 0.625 for i in range(k)]
+        uneven = make_arch((widths if k > 1 else 0.5, mid, True), (1.0, "output", True))
+        assert_stages_close(sn.forward_stages(x, uneven), reference_stages(sn, uneven, x), tol=1e-4, relative=True)
     macs, _ = stage_macs(list(net.stages), shape)
     static = count_macs(model, (torch.zeros(1, *shape),)).total()
     assert macs[0] < static

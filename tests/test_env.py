@@ -38,7 +38,7 @@ def mnv3_graph():
 
 def fake_reward(arch: MultiStageArch) -> float:
     """A deterministic figure of the arch: cheaper, shallower first stages score higher."""
-    return 1.0 - sum(s.width for s in arch.stages) / len(arch.stages) - 0.01 * len(arch.stages)
+    return 1.0 - sum(s.mean_width for s in arch.stages) / len(arch.stages) - 0.01 * len(arch.stages)
 
 
 class FakeEvaluator:
@@ -54,7 +54,7 @@ class FakeEvaluator:
         n = arch.num_stages
         thresholds = list(arch.thresholds) or [0.9] * (n - 1)
         return Evaluation(arch=arch.with_thresholds(thresholds).to_dict(), reward=fake_reward(arch),
-                          accuracy=0.5 + 0.1 * n, average_macs=1e6 * arch.stages[0].width, mac_ratio=0.1 * n,
+                          accuracy=0.5 + 0.1 * n, average_macs=1e6 * arch.stages[0].mean_width, mac_ratio=0.1 * n,
                           exit_rates=[1.0 / n] * n, thresholds=thresholds, stage_macs=[1e6] * n,
                           stage_accuracy=[0.5] * n, meets_target=n > 2)
 

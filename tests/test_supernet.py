@@ -20,7 +20,7 @@ from torch.func import functional_call
 from s2d.models import get_model
 from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.sliced import ExitHead
-from s2d.transform.stages import head_key
+from s2d.transform.stages import head_key, reads_tail
 from s2d.transform.supernet import SuperNet
 
 # ---------------------------------------------------------------- helpers
@@ -98,7 +98,7 @@ def reference_stages(sn: SuperNet, arch: MultiStageArch, x: torch.Tensor,
     outs = []
     for s, st in enumerate(arch.stages):
         masks = conv_masks(graph, arch, s)
-        last = s == arch.num_stages - 1
+        last = s == arch.num_stages - 1 or reads_tail(graph, st.exit, st.width)  # the static classifier's
         exit_ = graph.exit(st.exit)
         module = sn.static if last else graph.truncated(exit_.node)
         state = {k: p * masks[k] if k in masks else p for k, p in module.named_parameters()}
@@ -106,7 +106,7 @@ def reference_stages(sn: SuperNet, arch: MultiStageArch, x: torch.Tensor,
             state.update({k: buffers[k] for k, _ in module.named_buffers()})
         y = functional_call(module, state, (x,))
         if not last:
-            y = sn.heads[head_key(st.exit, st.width)](y[:, exit_.owned(st.width)])
+            y = sn.heads[head_key(st.exit, st.width_in(exit_.trunk_node.width_section))](y[:, exit_.owned(st.width)])
         outs.append(y)
     return outs
 
@@ -183,6 +183,14 @@ RESNET20_ARCHS = {
     "shared exit, two widths": [(0.25, "layer2.0", False), (0.75, "layer2.0", False), (1.0, "output", True)],
     "4 stages": [(0.125, "relu", False), (0.375, "layer1.0", True), (0.375, "layer3.0", False),
                  (1.0, "output", [True, False, False])],
+    # per-section widths: section k's blocks (and the downsampling shortcut into it) at its own width
+    "per-section widths, cascade": [([0.25, 0.375, 0.5], "output", True), (1.0, "output", True)],
+    "per-section widths, reuse off": [([0.25, 0.375, 0.5], "layer2.2", False),
+                                      ([0.375, 0.5, 0.75], "layer3.1", [True, False, True]), (1.0, "output", False)],
+    "per-section widths, then uniform": [([0.125, 0.25, 0.375], "layer3.0", True), (0.375, "layer3.0", False),
+                                         (1.0, "output", True)],
+    # full width in the last section: the stage classifies with the static model's own classifier
+    "tapered to full width at the output": [([0.75, 0.875, 1.0], "output", True), (1.0, "output", True)],
 }
 
 MOBILENET_ARCHS = {
@@ -192,6 +200,9 @@ MOBILENET_ARCHS = {
                                    (1.0, "output", [False, True, False, True, False])],
     "depth only": [(1.0, "features.3", True), (1.0, "features.8", True), (1.0, "output", True)],
     "shared exit, two widths": [(0.375, "features.3", False), (0.75, "features.3", True), (1.0, "output", False)],
+    "per-section widths": [([0.25, 0.375, 0.5, 0.5, 0.625], "features.6", True),
+                           ([0.5, 0.5, 0.75, 0.75, 1.0], "features.9", [False, True, True, False, True]),
+                           (1.0, "output", False)],
 }
 
 

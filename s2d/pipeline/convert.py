@@ -212,6 +212,7 @@ class ConvertConfig:
     objective: str = "tolerance"
     cost: str = "macs"  # what the search minimises: fvcore MACs, batch-1 latency or batch-256 time (latency table)
     search_thresholds: bool = False
+    section_widths: bool = False  # stages may taper their width over the sections (SearchSpace.taper)
     exit_gates: bool = False  # fit a learned gate per exit on the search's validation images (else: the softmax)
     max_stages: int = 4
     bn: str = "batch"  # batch-norm statistics while training the supernet: "batch" (per arch) or "frozen"
@@ -277,6 +278,7 @@ class ConvertConfig:
 
 
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "cost", "search_thresholds",
+            "section_widths",
             "max_stages", "bn", "importance", "target_mac_ratio", "target_macs", "seed", "val_size", "split_seed",
             "confidence", "calib_size", "target_latency_ms")
 
@@ -320,7 +322,7 @@ class Pipeline:
         self._latency: LatencyTable | None = None
         self._static_correct: dict[tuple[bool, int], torch.Tensor] = {}
         self.space = SearchSpace(self.supernet.graph, max_stages=cfg.max_stages,
-                                 search_thresholds=cfg.search_thresholds)
+                                 search_thresholds=cfg.search_thresholds, section_widths=cfg.section_widths)
         self.archive = Archive(self.run.root / "archive.jsonl")
         self.state_path = self.run.root / "state.json"
         self._started: dict[str, float] = {}

@@ -32,7 +32,7 @@ def format_dynamic(d: dict[str, Any]) -> str:
     for i, (st, m, r) in enumerate(zip(stages, d["stage_macs"], d["exit_rates"], strict=True)):
         th = d["arch"]["thresholds"][i] if i < len(d["arch"]["thresholds"]) else None
         exit_ = "static net" if st.get("recompute") else st["exit"]  # a cascade's last stage recomputes it
-        lines.append(f"  stage {i + 1}: width {st['width']:<5} exit {exit_:<12} {m / 1e6:7.2f} M MACs  "
+        lines.append(f"  stage {i + 1}: width {width_text(st['width']):<5} exit {exit_:<12} {m / 1e6:7.2f} M MACs  "
                      f"exits {r * 100:5.1f} %" + (f"  threshold {th:.3f}" if th is not None else ""))
     lines += [
         f"test acc     {d['test_accuracy'] * 100:.2f} % ({d['accuracy_delta'] * 100:+.2f} points vs static)",
@@ -154,6 +154,11 @@ def race_markdown(race: dict[str, Any]) -> list[str]:
     return lines
 
 
+def width_text(width: float | list[float]) -> str:
+    """A stage's width as written in tables: ``0.375``, or per section ``0.25/0.375/0.5``."""
+    return "/".join(f"{w:g}" for w in width) if isinstance(width, list | tuple) else f"{width:g}"
+
+
 def stages_summary(arch: dict[str, Any]) -> str:
     """One arch in a table cell: ``width@exit`` per stage, ``static`` for a cascade's recomputed last stage."""
     parts = []
@@ -164,5 +169,5 @@ def stages_summary(arch: dict[str, Any]) -> str:
         reuse = st.get("reuse", True)
         note = "" if reuse is True else " no reuse" if reuse is False else " reuse " + "".join(
             "y" if r else "n" for r in reuse)
-        parts.append(f"{st['width']:g}@{st['exit']}{note}")
+        parts.append(f"{width_text(st['width'])}@{st['exit']}{note}")
     return " > ".join(parts)

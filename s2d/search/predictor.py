@@ -61,13 +61,13 @@ class RewardPredictor:
         costs = []
         for s, st in enumerate(arch.stages[: sp.max_stages]):
             reuse = [st.reuse_in(j) for j in range(sp.num_sections)]
-            cost = 1.0 if st.recompute else shares.get(st.exit, 1.0) * st.width ** 2
+            cost = 1.0 if st.recompute else shares.get(st.exit, 1.0) * st.mean_width ** 2
             costs.append(cost)
-            out[g + k * s: g + k * (s + 1)] = (1.0, st.width, exits.get(st.exit, 1.0), float(st.recompute),
+            out[g + k * s: g + k * (s + 1)] = (1.0, st.mean_width, exits.get(st.exit, 1.0), float(st.recompute),
                                                float(np.mean(reuse)), cost)
         first, last = arch.stages[0], arch.stages[-1]
-        out[:g] = (arch.num_stages, sum(costs), max(costs), costs[0], min(st.width for st in arch.stages),
-                   first.width, last.width, float(last.recompute))
+        out[:g] = (arch.num_stages, sum(costs), max(costs), costs[0], min(st.mean_width for st in arch.stages),
+                   first.mean_width, last.mean_width, float(last.recompute))
         return out
 
     def fit(self, archs: Sequence[MultiStageArch], rewards: Sequence[float]) -> RewardPredictor:

@@ -1,9 +1,11 @@
 """The search space of one model as a sequence of decisions.
 
 An arch is built decision by decision: the number of stages, then for every stage its
-width, its exit point, one feature-reuse flag per section and (when thresholds are
-searched, EDANAS-style) its exit threshold; the last stage also chooses whether it
-recomputes the static network from the image (a cascade) instead of reusing features.
+width (with ``section_widths``, then whether it tapers: one grid step narrower in the first
+section and wider in the last, see :meth:`SearchSpace.taper`), its exit point, one
+feature-reuse flag per section and (when thresholds are searched, EDANAS-style) its exit
+threshold; the last stage also chooses whether it recomputes the static network from the
+image (a cascade) instead of reusing features.
 ``options(partial)`` says which choices keep the arch valid (widths and exits never go
 backwards, two stages never coincide, the last stage exits at ``output``), so an agent
 can be masked and a sampler is uniform over valid choices.
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from s2d.transform.arch import MAX_STAGES, WIDTH_GRID, MultiStageArch, Stage, reuse_matters, static_arch
-from s2d.transform.graph import OUTPUT_EXIT, ModelGraph
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, Width
 
 THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 
@@ -31,7 +33,7 @@ def nearest_option(mask: np.ndarray, option: int) -> int:
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "stages" | "width" | "exit" | "recompute" | "reuse" | "threshold"
+    kind: str  # "stages" | "width" | "taper" | "exit" | "recompute" | "reuse" | "threshold"
     stage: int  # 0-based stage index (-1 for "stages")
     section: int = -1  # for "reuse"
 
@@ -44,6 +46,7 @@ class SearchSpace:
     min_stages: int = 1  # one stage at width w < 1 is a uniformly pruned static network
     search_thresholds: bool = False
     exit_rule: str = "max_softmax"
+    section_widths: bool = False  # each stage may taper its width over the sections (:meth:`taper`)
     exits: list[str] = field(init=False)
 
     @functools.cached_property
@@ -68,12 +71,39 @@ class SearchSpace:
     def max_options(self) -> int:
         return max(len(self.widths), len(self.exits), 2, len(THRESHOLD_GRID), self.max_stages + 1)
 
+    def taper(self, w: int) -> tuple[float, ...]:
+        """Width ``w`` (an index of ``widths``) tapered over the sections: one grid step narrower in the first
+        section, one wider in the last (clipped to the grid), the middle ones at ``w``; uniform for one section.
+
+        Where activations are large, narrow convs are slow per MAC on a CPU, and a uniformly pruned network spends
+        most of its time there: on ResNet-20 (this machine, batch 256) the prefix 4/12/32 runs at 3.48x the static
+        throughput with 6.87x fewer MACs, where the uniform 6/12/24 runs at 3.04x with 7.07x; pruned by
+        Torch-Pruning and distilled for 3000 steps both reach 92.7 % on validation images."""
+        n = self.num_sections
+        offsets = [0] * n if n == 1 else [round(2 * k / (n - 1) - 1) for k in range(n)]
+        return tuple(self.widths[min(len(self.widths) - 1, max(0, w + o))] for o in offsets)
+
+    def _shape(self, w: int, tapered: int) -> tuple[float, ...]:
+        return self.taper(w) if tapered else (self.widths[w],) * self.num_sections
+
+    def _shapes(self, w: int) -> list[int]:
+        """The taper options width ``w`` has: uniform, and tapered where that differs."""
+        return [0, 1] if self.section_widths and len(set(self.taper(w))) > 1 else [0]
+
+    def stage_widths(self, s: int, chosen: dict[tuple, int]) -> tuple[float, ...] | None:
+        """Stage ``s``'s width per section, once chosen."""
+        if ("width", s) not in chosen:
+            return None
+        return self._shape(chosen[("width", s)], chosen.get(("taper", s), 0))
+
     def decisions(self, num_stages: int) -> list[Decision]:
         """The decisions after the number of stages, in order."""
         out = []
         for s in range(num_stages):
             last = s == num_stages - 1
             out.append(Decision("width", s))
+            if self.section_widths:
+                out.append(Decision("taper", s))
             if not last:  # the last stage exits at the output
                 out.append(Decision("exit", s))
             elif s > 0:
@@ -95,34 +125,43 @@ class SearchSpace:
             mask[self.min_stages:self.max_stages + 1] = True
             return mask
         s = decision.stage
-        prev_w = chosen.get(("width", s - 1), -1)
+        prev = self.stage_widths(s - 1, chosen) or (0.0,) * self.num_sections  # per section
         prev_e = chosen.get(("exit", s - 1), -1)
         later = num_stages - 1 - s  # stages after this one, the last included
+        index = {w: i for i, w in enumerate(self.widths)}
 
-        def lowest_exit(w: int) -> int:  # a stage equal to the previous one computes nothing
-            return max(prev_e, 0) if w > prev_w else prev_e + 1
+        def lowest_exit(shape: tuple[float, ...]) -> int:  # a stage equal to the previous one computes nothing
+            return max(prev_e, 0) if shape != prev else prev_e + 1
 
-        def feasible(w: int, e: int) -> bool:  # every later stage must still be a strictly larger pair
-            return later <= (n_w - 1 - w) + (n_e - 1 - e)
+        def feasible(shape: tuple[float, ...], e: int) -> bool:  # later stages must still be strictly larger
+            widen = int(len(set(shape)) > 1)  # a tapered stage can be followed at its widest width, uniform
+            return later <= (n_w - 1 - index[max(shape)]) + (n_e - 1 - e) + widen
 
-        if decision.kind == "width" and later == 0:  # the last stage: its exit is the output
-            for w in range(max(prev_w, 0), n_w):
-                mask[w] = lowest_exit(w) <= n_e - 1
-        elif decision.kind == "width":
-            for w in range(max(prev_w, 0), n_w):
-                mask[w] = lowest_exit(w) < n_e and feasible(w, lowest_exit(w))
-        elif decision.kind == "exit":
+        def fits(shape: tuple[float, ...]) -> bool:  # never narrower than the previous stage in any section
+            if any(a < b for a, b in zip(shape, prev, strict=True)):
+                return False
+            e = lowest_exit(shape)
+            return e <= n_e - 1 if later == 0 else e < n_e and feasible(shape, e)
+
+        if decision.kind == "width":
+            for w in range(n_w):
+                mask[w] = any(fits(self._shape(w, t)) for t in self._shapes(w))
+        elif decision.kind == "taper":
             w = chosen[("width", s)]
-            for e in range(lowest_exit(w), n_e):
-                mask[e] = feasible(w, e)
+            for t in self._shapes(w):
+                mask[t] = fits(self._shape(w, t))
+        elif decision.kind == "exit":
+            shape = self.stage_widths(s, chosen)
+            for e in range(lowest_exit(shape), n_e):
+                mask[e] = feasible(shape, e)
         elif decision.kind == "reuse":  # one option where the flag changes nothing: one encoding, one key
             mask[1] = True
             mask[0] = not chosen.get(("recompute", s), 0) and reuse_matters(
-                self.graph, decision.section, self.widths[prev_w], self.widths[chosen[("width", s)]],
+                self.graph, decision.section, prev, self.stage_widths(s, chosen),
                 self.graph.exit(self.exits[prev_e]).index)
         elif decision.kind == "recompute":  # the static network itself, after narrower stages only
             mask[0] = True
-            mask[1] = self.widths[chosen[("width", s)]] == 1.0 and 0 <= prev_w and self.widths[prev_w] < 1.0
+            mask[1] = set(self.stage_widths(s, chosen)) == {1.0} and s > 0 and min(prev) < 1.0
         elif decision.kind == "threshold":
             mask[:len(THRESHOLD_GRID)] = True
         return mask
@@ -131,7 +170,7 @@ class SearchSpace:
         stages = []
         for s in range(num_stages):
             last = s == num_stages - 1
-            width = self.widths[chosen[("width", s)]] if ("width", s) in chosen else 1.0
+            width: Width = self.stage_widths(s, chosen) or 1.0
             exit_ = OUTPUT_EXIT if last else self.exits[chosen[("exit", s)]]
             reuse = tuple(bool(chosen.get(("reuse", s, k), 1)) for k in range(self.num_sections))
             stages.append(Stage(width, exit_, reuse[0] if len(set(reuse)) == 1 else reuse,
@@ -146,7 +185,7 @@ class SearchSpace:
         largest arch (the stage count, then per stage width, exit, recompute, reuse flags, threshold)."""
         slots: list[tuple] = [("stages", -1)]
         for s in range(self.max_stages):
-            slots += [("width", s), ("exit", s), ("recompute", s)]
+            slots += [("width", s), *([("taper", s)] if self.section_widths else []), ("exit", s), ("recompute", s)]
             slots += [("reuse", s, k) for k in range(self.num_sections)]
             if self.search_thresholds:
                 slots.append(("threshold", s))
@@ -154,7 +193,7 @@ class SearchSpace:
 
     def gene_bounds(self) -> np.ndarray:
         """The largest option of each gene (its decision's option count minus one)."""
-        highest = {"stages": self.max_stages, "width": len(self.widths) - 1, "exit": len(self.exits) - 1,
+        highest = {"stages": self.max_stages, "width": len(self.widths) - 1, "taper": 1, "exit": len(self.exits) - 1,
                    "recompute": 1, "reuse": 1, "threshold": len(THRESHOLD_GRID) - 1}
         return np.asarray([highest[slot[0]] for slot in self.genome_slots()], dtype=np.int64)
 
@@ -165,7 +204,10 @@ class SearchSpace:
         slot = {k: i for i, k in enumerate(self.genome_slots())}
         genes[0] = arch.num_stages
         for s, st in enumerate(arch.stages):
-            genes[slot[("width", s)]] = self.widths.index(st.width)
+            w, tapered = self._encode_width(st)
+            genes[slot[("width", s)]] = w
+            if self.section_widths:
+                genes[slot[("taper", s)]] = tapered
             genes[slot[("exit", s)]] = self.exits.index(st.exit) if st.exit in self.exits else len(self.exits) - 1
             genes[slot[("recompute", s)]] = int(st.recompute)
             for k in range(self.num_sections):
@@ -173,6 +215,15 @@ class SearchSpace:
             if self.search_thresholds and s < len(arch.thresholds):
                 genes[slot[("threshold", s)]] = int(np.abs(np.asarray(THRESHOLD_GRID) - arch.thresholds[s]).argmin())
         return genes
+
+    def _encode_width(self, st: Stage) -> tuple[int, int]:
+        """(width index, tapered) of a stage of this space."""
+        shape = st.widths(self.num_sections)
+        for w in range(len(self.widths)):
+            for t in self._shapes(w):
+                if self._shape(w, t) == shape:
+                    return w, t
+        raise ValueError(f"width {st.width} is not a width of this search space")
 
     def decode(self, genes: np.ndarray | list[int]) -> MultiStageArch:
         """The valid arch a genome stands for: each decision takes its gene's option, or the nearest valid one
@@ -246,10 +297,16 @@ class SearchSpace:
         largest, smallest = static_arch(), self.smallest()
         narrow = [w for w in self.widths if w < 1]
 
+        def pruned_net(w: float, rng: np.random.Generator) -> MultiStageArch:
+            i = self.widths.index(w)
+            options = self._shapes(i)  # with section_widths, half of them tapered (no draw otherwise: same stream)
+            tapered = int(rng.choice(options)) if len(options) > 1 else 0
+            return MultiStageArch((Stage(self._shape(i, tapered), OUTPUT_EXIT, True),), self.exit_rule)
+
         def sample(rng: np.random.Generator) -> list[MultiStageArch]:
             widths = rng.choice(narrow, size=min(pruned, len(narrow)), replace=False) if self.min_stages == 1 else []
             return [*([largest, smallest] if anchors else []),
-                    *(MultiStageArch((Stage(float(w), OUTPUT_EXIT, True),), self.exit_rule) for w in widths),
+                    *(pruned_net(float(w), rng) for w in widths),
                     *(self.sample(rng) for _ in range(random_archs))]
 
         return sample
@@ -271,13 +328,14 @@ class SearchSpace:
         return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)
 
     def seeds(self) -> list[MultiStageArch]:
-        """Known-good starting points every search evaluates first: each uniformly pruned network (one stage
-        at width w < 1, what a static pruner ships) and its cascade with the static network, plus SDN-style
+        """Known-good starting points every search evaluates first: each pruned network (one stage at width
+        w < 1, uniform or tapered, what a static pruner ships) and its cascade with the static network, plus SDN-style
         depth-only exits. A uniform draw rarely lands on them (a two-stage cascade whose first stage exits at
         the output is about 1 % of the space), yet they are the archs a user compares s2d with."""
-        pruned = [MultiStageArch((Stage(w, OUTPUT_EXIT, True),), self.exit_rule) for w in self.widths if w < 1]
+        shapes = [self._shape(i, t) for i, w in enumerate(self.widths) if w < 1 for t in self._shapes(i)]
+        pruned = [MultiStageArch((Stage(w, OUTPUT_EXIT, True),), self.exit_rule) for w in shapes]
         cascades = [MultiStageArch((Stage(w, OUTPUT_EXIT, True), Stage(1.0, OUTPUT_EXIT, True, recompute=True)),
-                                   self.exit_rule) for w in self.widths if w < 1]
+                                   self.exit_rule) for w in shapes]
         archs = [*pruned, *cascades, self.depth_only()]
         return [a.validate(self.graph) for a in archs if a.num_stages >= self.min_stages
                 and a.num_stages <= self.max_stages]

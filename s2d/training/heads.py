@@ -11,16 +11,24 @@ import torch.nn.functional as F
 
 from s2d.data import Batches, Dataset, DatasetInfo, Split
 from s2d.transform.arch import MultiStageArch
-from s2d.transform.sliced import head_pool
-from s2d.transform.stages import head_key
+from s2d.transform.sliced import ExitHead, head_pool
+from s2d.transform.stages import head_key, reads_tail, stage_head_key
 from s2d.transform.supernet import SuperNet
+
+
+def exit_heads(supernet: SuperNet, arch: MultiStageArch) -> list[tuple[int, ExitHead]]:
+    """(stage index, head) of every non-final stage that has an exit head (not the static model's tail)."""
+    return [(i, supernet.heads[stage_head_key(supernet.graph, s.exit, s.width)])
+            for i, s in enumerate(arch.stages[:-1]) if not reads_tail(supernet.graph, s.exit, s.width)]
 
 
 @torch.no_grad()
 def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *,
                          device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """Pooled features (what the linear layer reads) at the exit of every non-final stage: [(N, c_s)]."""
-    heads = [supernet.heads[head_key(s.exit, s.width)] for s in arch.stages[:-1]]
+    """Pooled features (what the linear layer reads) at the exit of every non-final stage with a head of its
+    own (:func:`exit_heads`): [(N, c_s)]."""
+    heads = [h for _, h in exit_heads(supernet, arch)]
+    upto = max((s for s, _ in exit_heads(supernet, arch)), default=-1) + 1
     supernet.ensure_statistics(arch)  # before the hooks: estimating them runs forwards of its own
     feats: list[list[torch.Tensor]] = [[] for _ in heads]
     hooks = [h.pool.register_forward_hook(lambda m, i, o, j=j: feats[j].append(o.flatten(1).cpu()))
@@ -29,7 +37,7 @@ def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split,
     supernet.eval()
     try:
         for x, _ in Batches(split, info, 500, device=device):
-            supernet.forward_stages(x, arch, upto=len(heads))
+            supernet.forward_stages(x, arch, upto=upto)
     finally:
         for h in hooks:
             h.remove()
@@ -62,9 +70,8 @@ def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: Data
     """Train the linear layers of the non-final heads of ``arch``; returns each head's final loss."""
     feats = pooled_exit_features(supernet, arch, split, info, device=device)
     g = torch.Generator().manual_seed(seed)
-    return [_fit_linear(supernet.heads[head_key(s.exit, s.width)].fc, f, split.labels, epochs=epochs, lr=lr,
-                        batch_size=batch_size, generator=g)
-            for s, f in zip(arch.stages[:-1], feats, strict=True)]
+    return [_fit_linear(h.fc, f, split.labels, epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
+            for (_, h), f in zip(exit_heads(supernet, arch), feats, strict=True)]
 
 
 @torch.no_grad()

@@ -9,6 +9,10 @@ Example::
 ``reuse`` is one flag for every section or a list with one flag per section (a section
 is a run of layers at one resolution). Stage 1 has nothing to reuse; its flag is ignored.
 
+``width`` is one number for every section or a list with one per section (non-uniform pruning,
+e.g. ``[0.25, 0.375, 0.5]``: narrow where activations are large and narrow convs are slow per MAC,
+wider where they are small). A list of equal widths is that one width.
+
 ``"recompute": true`` (last stage only, full width) makes the last stage the static
 network itself, run from the image on its own copy of the weights: a cascade. It costs
 the whole static network on top of the earlier stages, but an image that reaches it gets
@@ -30,7 +34,7 @@ import torch
 
 from s2d.errors import ArchError, S2DError
 from s2d.transform.exit_rule import check_thresholds, confidence, gate_confidence
-from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, Rule
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, Rule, Width, section_width
 
 WIDTH_GRID: tuple[float, ...] = tuple(i / 8 for i in range(1, 9))
 MAX_STAGES = 4
@@ -38,16 +42,41 @@ MAX_STAGES = 4
 
 @dataclass(frozen=True)
 class Stage:
-    width: float
+    width: Width  # one for every section, or one per section; equal ones collapse to one (one key per network)
     exit: str
     reuse: tuple[bool, ...] | bool = True
     recompute: bool = False  # the static network from the image (last stage, full width): see the module doc
 
+    def __post_init__(self) -> None:
+        w = self.width
+        if isinstance(w, list | tuple):
+            w = tuple(float(x) for x in w)
+            w = w[0] if w and len(set(w)) == 1 else w
+        object.__setattr__(self, "width", float(w) if isinstance(w, int | float) else w)
+
     def reuse_in(self, section: int) -> bool:
         return self.reuse if isinstance(self.reuse, bool) else self.reuse[section]
 
+    def width_in(self, section: int) -> float:
+        return section_width(self.width, section)
+
+    @property
+    def per_section(self) -> bool:
+        """Widths differ between sections."""
+        return isinstance(self.width, tuple)
+
+    def widths(self, sections: int) -> tuple[float, ...]:
+        """One width per section."""
+        return tuple(self.width_in(k) for k in range(sections))
+
+    @property
+    def mean_width(self) -> float:
+        """One number for features and plots (the root mean square: MACs grow with width squared)."""
+        ws = self.width if isinstance(self.width, tuple) else (self.width,)
+        return math.sqrt(sum(w * w for w in ws) / len(ws))
+
     def to_dict(self) -> dict[str, Any]:
-        d = {"width": self.width, "exit": self.exit,
+        d = {"width": list(self.width) if isinstance(self.width, tuple) else self.width, "exit": self.exit,
              "reuse": self.reuse if isinstance(self.reuse, bool) else list(self.reuse)}
         if self.recompute:  # absent when off, so the keys of reusing archs stay what they were
             d["recompute"] = True
@@ -71,8 +100,8 @@ class MultiStageArch:
         return len(self.stages)
 
     @property
-    def final_width(self) -> float:
-        """Width of the last stage: below 1 the arch runs a uniformly pruned network when every stage runs."""
+    def final_width(self) -> Width:
+        """Width of the last stage: below 1 the arch runs a pruned network when every stage runs."""
         return self.stages[-1].width
 
     @property
@@ -162,10 +191,17 @@ class MultiStageArch:
                 reuse = tuple(reuse)
             elif not isinstance(reuse, bool):
                 raise ArchError(f"stage {i}: reuse must be true/false or a list of them, got {reuse!r}")
+            raw = s["width"]
             try:
-                width = float(s["width"])
+                if isinstance(raw, list):
+                    if not raw or any(isinstance(w, bool) for w in raw):
+                        raise TypeError
+                    width: Width = tuple(float(w) for w in raw)
+                else:
+                    width = float(raw)
             except (TypeError, ValueError):
-                raise ArchError(f"stage {i}: width must be a number, got {s['width']!r}") from None
+                raise ArchError(f"stage {i}: width must be a number or a list of numbers (one per section), "
+                                f"got {raw!r}") from None
             recompute = s.get("recompute", False)
             if not isinstance(recompute, bool):
                 raise ArchError(f"stage {i}: recompute must be true or false, got {recompute!r}")
@@ -214,19 +250,27 @@ class MultiStageArch:
         if self.thresholds and len(self.thresholds) != len(self.stages) - 1:
             raise ArchError(f"thresholds needs one value per stage but the last ({len(self.stages) - 1}), "
                             f"got {len(self.thresholds)}")
-        prev_w, prev_e = 0.0, -1
+        sections = graph.num_sections
+        prev_w, prev_e = (0.0,) * sections, -1
         for i, s in enumerate(self.stages, 1):
-            if not any(abs(s.width - g) < 1e-9 for g in WIDTH_GRID):
-                grid = ", ".join(str(Fraction(g).limit_denominator(8)) for g in WIDTH_GRID)
-                raise ArchError(f"stage {i}: width {s.width} is off the grid ({grid})")
+            if s.per_section and len(s.width) != sections:
+                raise ArchError(f"stage {i}: width has {len(s.width)} values but the model has {sections} sections "
+                                "(give one width, or one per section)")
+            widths = s.widths(sections)
+            for w in widths:
+                if not any(abs(w - g) < 1e-9 for g in WIDTH_GRID):
+                    grid = ", ".join(str(Fraction(g).limit_denominator(8)) for g in WIDTH_GRID)
+                    raise ArchError(f"stage {i}: width {w} is off the grid ({grid})")
             if s.exit not in names:
                 raise ArchError(f"stage {i}: unknown exit {s.exit!r}; valid: {', '.join(names)}")
             e = names.index(s.exit)
-            if s.width < prev_w - 1e-9:
-                raise ArchError(f"stage {i}: width {s.width} is smaller than stage {i - 1}'s {prev_w}")
+            for k, (w, p) in enumerate(zip(widths, prev_w, strict=True)):
+                if w < p - 1e-9:
+                    where = f" in section {k + 1}" if sections > 1 else ""
+                    raise ArchError(f"stage {i}: width {w}{where} is smaller than stage {i - 1}'s {p}")
             if e < prev_e:
                 raise ArchError(f"stage {i}: exit {s.exit!r} comes before stage {i - 1}'s exit {names[prev_e]!r}")
-            if e == prev_e and abs(s.width - prev_w) < 1e-9:
+            if e == prev_e and all(abs(w - p) < 1e-9 for w, p in zip(widths, prev_w, strict=True)):
                 raise ArchError(f"stage {i}: same width and exit as stage {i - 1} (it would compute nothing)")
             if not isinstance(s.reuse, bool) and len(s.reuse) != graph.num_sections:
                 raise ArchError(f"stage {i}: reuse has {len(s.reuse)} flags but the model has "
@@ -234,17 +278,17 @@ class MultiStageArch:
             if s.recompute and (i < len(self.stages) or i == 1 or s.width != 1.0):
                 raise ArchError(f"stage {i}: only the last stage of two or more may recompute, at width 1 "
                                 "(it is the static network itself)")
-            if s.recompute and prev_w == 1.0:
+            if s.recompute and all(p == 1.0 for p in prev_w):
                 raise ArchError(f"stage {i}: recompute after a full-width stage {i - 1} only repeats its work; "
                                 "use reuse instead")
-            prev_w, prev_e = s.width, e
+            prev_w, prev_e = widths, e
         last = self.stages[-1]
         if last.exit != OUTPUT_EXIT:  # its width may be below 1: then the whole arch is a pruned network
             raise ArchError(f"stage {len(self.stages)} (the last) must exit at {OUTPUT_EXIT!r}, got {last.exit!r}")
         return self
 
 
-def reuse_matters(graph: ModelGraph, section: int, prev_width: float, width: float, prev_exit_index: int) -> bool:
+def reuse_matters(graph: ModelGraph, section: int, prev_width: Width, width: Width, prev_exit_index: int) -> bool:
     """Whether a stage's reuse flag for ``section`` changes its network: only where one of the section's dense
     convs computes new output channels at a node an earlier stage already reached (elsewhere every new channel
     reads all input channels either way) and its input has channels of both stages to choose between."""

@@ -34,6 +34,13 @@ from s2d.errors import UnsupportedModelError
 
 OUTPUT_EXIT = "output"
 
+Width = float | tuple[float, ...]  # one width for every section, or one per section (non-uniform pruning)
+
+
+def section_width(width: Width, section: int) -> float:
+    """The width a stage of ``width`` has in ``section``."""
+    return width if isinstance(width, float | int) else width[section]
+
 
 def channels(width: float, c: int, quantum: int = 1) -> int:
     """Channels of a C-channel tensor that a stage of this width owns: a prefix of at least one unit.
@@ -113,6 +120,7 @@ class TrunkNode:
     spatial: tuple[int, int]
     inputs: list[str]  # names of trunk nodes read (tensor inputs only)
     section: int = 0
+    width_section: int = 0  # the section whose width sets this node's channels (``_width_sections``)
     module: nn.Module | None = None
     quantum: int = 1  # channels per unit a width split keeps whole (a grouped conv's group)
     why: str = ""  # for a WHOLE node: why it cannot be split
@@ -120,19 +128,21 @@ class TrunkNode:
     # node and its inputs with their channel offsets. None where a stage owns a prefix.
     source: TrunkNode | None = None
     segments: list[tuple[int, TrunkNode]] | None = None
-    _owned: dict[float, list[int]] = field(default_factory=dict, repr=False)
+    _owned: dict[Width, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return self.node.name
 
-    def width_channels(self, width: float) -> int:
-        """Channels of this node a stage of ``width`` owns (all of the image)."""
+    def width_channels(self, width: Width) -> int:
+        """Channels of this node a stage of ``width`` (in this node's section) owns (all of the image)."""
         if self.segments is not None:
             return len(self.owned(width))
-        return self.channels if self.rule is Rule.INPUT else channels(width, self.channels, self.quantum)
+        if self.rule is Rule.INPUT:
+            return self.channels
+        return channels(section_width(width, self.width_section), self.channels, self.quantum)
 
-    def owned(self, width: float) -> list[int]:
+    def owned(self, width: Width) -> list[int]:
         """The channels a stage of ``width`` owns, in canonical order: a prefix, or after a concatenation
         each segment's own channels at its offset, segment after segment."""
         if width not in self._owned:
@@ -153,10 +163,10 @@ class Exit:
     section: int
     trunk_node: TrunkNode | None = field(default=None, repr=False)
 
-    def width_channels(self, width: float) -> int:
+    def width_channels(self, width: Width) -> int:
         return self.trunk_node.width_channels(width)
 
-    def owned(self, width: float) -> list[int]:
+    def owned(self, width: Width) -> list[int]:
         """Channels of the exit's features a head of this width reads (see :meth:`TrunkNode.owned`)."""
         return self.trunk_node.owned(width)
 
@@ -582,4 +592,32 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
         while exits[j].index < t.index:
             j += 1
         t.section = exits[j].section
+    _width_sections(trunk)
     return ModelGraph(gm, trunk, tail, exits, section + 1, tuple(input_shape))
+
+
+_TIED = (Rule.GROUPED, Rule.NORM, Rule.CHANNELWISE, Rule.BINARY)  # output channel i is input channel i (or group i)
+
+
+def _width_sections(trunk: list[TrunkNode]) -> None:
+    """Per-section widths: every node of a group of tied channels (a dense conv's output and the norms,
+    activations, depthwise convs and residual adds it reaches channel for channel, Torch-Pruning's dependency
+    group) takes the width of the group's first section, so that tied tensors keep one channel count where a
+    group crosses a section boundary (a depthwise conv right after the stem, a squeeze-excitation scale)."""
+    parent = {t.name: t.name for t in trunk}
+
+    def root(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for t in trunk:
+        if t.rule in _TIED:
+            for a in t.inputs:
+                parent[root(a)] = root(t.name)
+    first: dict[str, int] = {}
+    for t in trunk:  # in trunk order: sections only grow
+        first.setdefault(root(t.name), t.section)
+    for t in trunk:
+        t.width_section = first[root(t.name)]

@@ -29,13 +29,28 @@ from torch import fx, nn
 
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.fold import fold_narrow_convs
-from s2d.transform.graph import ModelGraph, Rule, TrunkNode, channel_dim
+from s2d.transform.graph import OUTPUT_EXIT, ModelGraph, Rule, TrunkNode, Width, channel_dim, section_width
 from s2d.transform.sliced import Channels, ChannelSelect, FrozenModule, SlicedBatchNorm2d, SlicedConv2d
 
 
 def head_key(exit_name: str, width: float) -> str:
     """ModuleDict key of the head for (exit, width): no dots allowed there."""
     return f"{exit_name.replace('.', '_')}__w{round(width * 8)}"
+
+
+def reads_tail(graph: ModelGraph, exit_name: str, width: Width) -> bool:
+    """Whether a stage of ``width`` exiting at ``exit_name`` classifies with the static model's own tail (pooling
+    and classifier) instead of an exit head: at the output, with every channel there (the last stage at width 1,
+    or an earlier one tapered to full width in the last section)."""
+    if exit_name != OUTPUT_EXIT:
+        return False
+    return section_width(width, graph.exit(exit_name).trunk_node.width_section) == 1.0
+
+
+def stage_head_key(graph: ModelGraph, exit_name: str, width: Width) -> str:
+    """The head a stage of ``width`` exiting at ``exit_name`` reads: the one for the width that sets the exit's
+    channels (a head sees only those, so stages that differ elsewhere share it)."""
+    return head_key(exit_name, section_width(width, graph.exit(exit_name).trunk_node.width_section))
 
 
 @dataclass
@@ -46,8 +61,8 @@ class StageGeometry:
     last: bool
     exit_index: int  # trunk position of this stage's exit
     prev_exit_index: int  # trunk position of stage s-1's exit, -1 for the first stage
-    width: float
-    prev_width: float
+    width: Width
+    prev_width: Width
     prev: StageGeometry | None = None
     _layouts: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
@@ -225,10 +240,10 @@ class _Emitter:
             order = [position[ch] for ch in t.owned(self.geo.width)]
             if order != list(range(len(order))):
                 feats = self.select(feats, order, 1, f"order_{t.name}")
-        if not (self.geo.last and self.geo.width == 1.0):  # a narrow last stage has a head of its own
-            key = head_key(exit_.name, self.geo.width)
+        if not reads_tail(self.graph, exit_.name, self.geo.width):  # e.g. a last stage narrow at the output
+            key = stage_head_key(self.graph, exit_.name, self.geo.width)
             return self.g.call_module(self._module(f"head_{key}", self.heads[key]), (feats,))
-        # The last stage runs the static model's own tail (pooling, flatten, classifier).
+        # The static model's own tail (pooling, flatten, classifier) on all the output's channels.
         env: dict[fx.Node, fx.Node] = {t.node: feats}
         self._inline(self.graph.tail, env, self.graph.gm, "tail")
         return env[self.graph.tail[-1]]
