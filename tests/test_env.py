@@ -140,9 +140,9 @@ def test_masked_random_rollouts_are_valid(request, graph_name, search_thresholds
     assert exits_seen == set(graph.exit_names)
 
 
-def _enumerate_masked(space: SearchSpace, n: int) -> set[tuple]:
+def enumerate_masked(space: SearchSpace, n: int) -> set[tuple]:
     """Every (width, exit) sequence of n-stage archs the masks allow (reuse/thresholds fixed)."""
-    decisions = [d for d in space.decisions(n) if d.kind in ("width", "exit")]
+    decisions = [d for d in space.decisions(n) if d.kind in ("width", "taper", "exit")]
     out = set()
 
     def walk(i: int, chosen: dict) -> None:
@@ -177,7 +177,7 @@ def _enumerate_valid(graph, n: int) -> set[tuple]:
 def test_masks_allow_exactly_the_valid_archs(r20_graph, n):
     """The masks neither admit an invalid arch nor hide a valid one (widths and exits)."""
     space = SearchSpace(r20_graph)
-    masked = _enumerate_masked(space, n)
+    masked = enumerate_masked(space, n)
     valid = _enumerate_valid(r20_graph, n)
     assert masked == valid
     if n == 1:

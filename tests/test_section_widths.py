@@ -16,7 +16,7 @@ from s2d.models import get_model
 from s2d.search.space import Decision, SearchSpace
 from s2d.transform.arch import MultiStageArch, Stage
 from s2d.transform.graph import OUTPUT_EXIT, Rule, analyze
-from tests.test_env import make_env, masked_episode
+from tests.test_env import enumerate_masked, make_env, masked_episode
 from tests.test_supernet import supernet
 
 TAPERED = [0.25, 0.375, 0.5]  # ResNet-20's 0.375 tapered: 4 / 12 / 32 channels
@@ -118,22 +118,6 @@ def test_without_section_widths_the_space_is_unchanged(spaces):
     assert not any(s.per_section for _ in range(200) for s in plain.sample(rng).stages)
 
 
-def _masked(space: SearchSpace, n: int) -> set[tuple]:
-    out: set[tuple] = set()
-
-    def walk(i: int, chosen: dict) -> None:
-        decisions = [d for d in space.decisions(n) if d.kind in ("width", "taper", "exit")]
-        if i == len(decisions):
-            out.add(tuple((s.width, s.exit) for s in space.build(n, chosen).stages))
-            return
-        d = decisions[i]
-        for a in np.flatnonzero(space.options(d, chosen, n)):
-            walk(i + 1, {**chosen, space.key_of(d): int(a)})
-
-    walk(0, {})
-    return out
-
-
 @pytest.mark.parametrize("n", [1, 2])
 def test_masks_allow_exactly_the_valid_tapered_archs(spaces, r20, n):
     _, space = spaces
@@ -148,7 +132,7 @@ def test_masks_allow_exactly_the_valid_tapered_archs(spaces, r20, n):
             except ArchError:
                 continue
             valid.add(tuple((s.width, s.exit) for s in stages))
-    assert _masked(space, n) == valid
+    assert enumerate_masked(space, n) == valid
     assert any(isinstance(w, tuple) for arch in valid for w, _ in arch)
 
 

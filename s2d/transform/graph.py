@@ -596,28 +596,12 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelGraph:
     return ModelGraph(gm, trunk, tail, exits, section + 1, tuple(input_shape))
 
 
-_TIED = (Rule.GROUPED, Rule.NORM, Rule.CHANNELWISE, Rule.BINARY)  # output channel i is input channel i (or group i)
-
-
 def _width_sections(trunk: list[TrunkNode]) -> None:
-    """Per-section widths: every node of a group of tied channels (a dense conv's output and the norms,
-    activations, depthwise convs and residual adds it reaches channel for channel, Torch-Pruning's dependency
-    group) takes the width of the group's first section, so that tied tensors keep one channel count where a
-    group crosses a section boundary (a depthwise conv right after the stem, a squeeze-excitation scale)."""
-    parent = {t.name: t.name for t in trunk}
-
-    def root(a: str) -> str:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for t in trunk:
-        if t.rule in _TIED:
-            for a in t.inputs:
-                parent[root(a)] = root(t.name)
-    first: dict[str, int] = {}
-    for t in trunk:  # in trunk order: sections only grow
-        first.setdefault(root(t.name), t.section)
-    for t in trunk:
-        t.width_section = first[root(t.name)]
+    """Per-section widths: every node of a component of tied channels (:func:`_components`: a dense conv's output
+    and the norms, activations, depthwise convs and residual adds it reaches channel for channel, Torch-Pruning's
+    dependency group) takes the width of the component's first section, so that tied tensors keep one channel
+    count where a component crosses a section boundary (a depthwise conv right after the stem, a
+    squeeze-excitation scale)."""
+    for members in _components(trunk):  # each in trunk order, where sections only grow
+        for t in members:
+            t.width_section = members[0].section
