@@ -27,8 +27,9 @@ def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split,
                          device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Pooled features (what the linear layer reads) at the exit of every non-final stage with a head of its
     own (:func:`exit_heads`): [(N, c_s)]."""
-    heads = [h for _, h in exit_heads(supernet, arch)]
-    upto = max((s for s, _ in exit_heads(supernet, arch)), default=-1) + 1
+    found = exit_heads(supernet, arch)
+    heads = [h for _, h in found]
+    upto = found[-1][0] + 1 if found else 0
     supernet.ensure_statistics(arch)  # before the hooks: estimating them runs forwards of its own
     feats: list[list[torch.Tensor]] = [[] for _ in heads]
     hooks = [h.pool.register_forward_hook(lambda m, i, o, j=j: feats[j].append(o.flatten(1).cpu()))

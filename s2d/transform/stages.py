@@ -38,19 +38,22 @@ def head_key(exit_name: str, width: float) -> str:
     return f"{exit_name.replace('.', '_')}__w{round(width * 8)}"
 
 
+def exit_width(graph: ModelGraph, exit_name: str, width: Width) -> float:
+    """The width that sets a stage's channels at its exit (all a head or the classifier sees of it)."""
+    return section_width(width, graph.exit(exit_name).trunk_node.width_section)
+
+
 def reads_tail(graph: ModelGraph, exit_name: str, width: Width) -> bool:
     """Whether a stage of ``width`` exiting at ``exit_name`` classifies with the static model's own tail (pooling
     and classifier) instead of an exit head: at the output, with every channel there (the last stage at width 1,
     or an earlier one tapered to full width in the last section)."""
-    if exit_name != OUTPUT_EXIT:
-        return False
-    return section_width(width, graph.exit(exit_name).trunk_node.width_section) == 1.0
+    return exit_name == OUTPUT_EXIT and exit_width(graph, exit_name, width) == 1.0
 
 
 def stage_head_key(graph: ModelGraph, exit_name: str, width: Width) -> str:
-    """The head a stage of ``width`` exiting at ``exit_name`` reads: the one for the width that sets the exit's
-    channels (a head sees only those, so stages that differ elsewhere share it)."""
-    return head_key(exit_name, section_width(width, graph.exit(exit_name).trunk_node.width_section))
+    """The head a stage of ``width`` exiting at ``exit_name`` reads: stages that differ only away from the exit
+    share it."""
+    return head_key(exit_name, exit_width(graph, exit_name, width))
 
 
 @dataclass
