@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from s2d.errors import DatasetNotFoundError, S2DError, UnknownNameError
+from s2d.runs import cache_dir
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -80,10 +81,6 @@ class Dataset:
         return getattr(self, name)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("S2D_CACHE", Path.home() / ".cache" / "s2d"))
-
-
 def _fashion_mnist_candidates(data_dir: str | None) -> list[Path]:
     """Where to look: an explicit ``--data-dir`` only (a path the user typed is used or rejected,
     never replaced); otherwise ``$S2D_DATA``, then the Debian package."""
@@ -117,7 +114,7 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> tuple[Split, Sp
         )
     if source is None:
         if download:
-            root = Path(data_dir) if data_dir else _cache_dir()
+            root = Path(data_dir) if data_dir else cache_dir()
             try:
                 train = FashionMNIST(str(root), train=True, download=True)
                 test = FashionMNIST(str(root), train=False, download=True)
@@ -136,7 +133,7 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> tuple[Split, Sp
     # torchvision's reader wants the raw (un-gzipped) files under <root>/FashionMNIST/raw.
     # The cache is keyed by the source folder, so another --data-dir never reads stale files.
     key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
-    root = _cache_dir() / "fashion-mnist" / key
+    root = cache_dir() / "fashion-mnist" / key
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for f in FASHION_MNIST_FILES:
@@ -182,7 +179,7 @@ def _load_cifar(name: str, data_dir: str | None, download: bool) -> tuple[Split,
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if name == "cifar10" else CIFAR100
-    root = Path(data_dir or os.environ.get("S2D_DATA") or _cache_dir() / name)
+    root = Path(data_dir or os.environ.get("S2D_DATA") or cache_dir() / name)
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)

@@ -22,6 +22,12 @@ from s2d.errors import RunDirError
 PHASES = ("supernet", "search", "finetune", "report")
 
 
+def cache_dir() -> Path:
+    """What outlives a run on this machine: unpacked datasets, the store of measured stage times
+    (``$S2D_CACHE``, else ``~/.cache/s2d``)."""
+    return Path(os.environ.get("S2D_CACHE", Path.home() / ".cache" / "s2d"))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,15 @@ TINY_CFG = dict(model="resnet20", dataset="fashion-mnist", epochs=2, batch_size=
                 train_limit=512)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The suite's own ``$S2D_CACHE`` (unpacked data, the machine's store of stage times), inherited by the CLI's
+    subprocesses: a test never reads times another test or a user's run stored, and never writes the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("S2D_CACHE", str(tmp_path_factory.mktemp("s2d-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def fmnist() -> Dataset:
     """Fashion-MNIST from the Debian package, default split (55000/5000/10000)."""

@@ -198,9 +198,10 @@ def test_export_the_converted_network(converted, tmp_path):
     assert [s["file"] for s in meta["stages"]] == [f"stage{i}.onnx" for i in range(1, n + 1)]
 
 
-def test_latency_table_against_measured_time(converted, tmp_path):
+def test_latency_table_against_measured_time(converted, tmp_path, monkeypatch):
     """``s2d bench latency`` on a copy of the run: archive archs timed end to end beside the table's predictions;
-    the table is kept in the run."""
+    the table is kept in the run, and its stage times in the machine's store for the next run of the model."""
+    monkeypatch.setenv("S2D_CACHE", str(tmp_path / "cache"))  # an empty store: nothing another test timed
     run = tmp_path / "run"
     shutil.copytree(converted["dir"], run)
     r, _ = s2d("bench", "latency", "--run-dir", str(run), "--archs", "2", "--threads", "1", "--quiet")
@@ -215,6 +216,13 @@ def test_latency_table_against_measured_time(converted, tmp_path):
     assert "Median |error|" in r.stdout
     table = json.loads((run / "latency_table.json").read_text())  # kept: see test_latency for its reuse
     assert table["machine"]["threads"] == 1 and len(table["stages"]) == res["table_entries"]
+    again = tmp_path / "again"  # another run of the same network on this machine: its stages are not timed again
+    shutil.copytree(converted["dir"], again)
+    r, _ = s2d("bench", "latency", "--run-dir", str(again), "--archs", "2", "--threads", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    second = json.loads((again / "bench_latency" / "latency.json").read_text())
+    assert (second["stages_measured"], second["stages_from_store"]) == (0, res["table_entries"])
+    assert second["static_ms"] == res["static_ms"]
 
 
 def test_a_run_dir_holding_a_different_run_is_refused(converted):

@@ -22,8 +22,9 @@ def supernet():
     return random_resnet20_supernet(head_std=1.0)
 
 
-def _table(supernet, path=None) -> LatencyTable:
-    return LatencyTable(supernet, copy.deepcopy(supernet.static).eval(), path=path, batch=8, repeats=2, b1_repeats=3)
+def _table(supernet, path=None, shared=None, reference=None) -> LatencyTable:
+    reference = copy.deepcopy(supernet.static).eval() if reference is None else reference
+    return LatencyTable(supernet, reference, path=path, shared=shared, batch=8, repeats=2, b1_repeats=3)
 
 
 TWO = MultiStageArch((Stage(0.25, "layer2.0"), Stage(1.0, "output")))
@@ -71,6 +72,64 @@ def test_table_is_kept_for_this_machine_only(supernet, tmp_path):
     assert older.measured == 2
     path.write_text("{not json")
     assert _table(supernet, path).stage_times(TWO) and len(json.loads(path.read_text())["stages"]) == 2
+
+
+def test_another_run_takes_its_stage_times_from_the_machine_store(supernet, tmp_path):
+    store = tmp_path / "store"
+    first = _table(supernet, tmp_path / "a.json", store)
+    times = first.stage_times(TWO)
+    second = _table(supernet, tmp_path / "b.json", store)  # a second run of the same network: nothing timed
+    assert (second.measured, second.reused, second.static) == (0, 2, first.static)
+    assert second.stage_times(TWO) == times and second.measured == 0
+    assert len(json.loads((tmp_path / "b.json").read_text())["stages"]) == 2  # the run keeps what it took
+    second.stage_times(THREE)  # two new stages, stored for the runs after it
+    assert second.measured == 2
+    [kept] = store.iterdir()
+    assert len(json.loads(kept.read_text())["stages"]) == 4
+
+
+def test_store_times_join_a_run_table_as_multiples_of_its_static_time(supernet, tmp_path):
+    store = tmp_path / "store"
+    _table(supernet, None, store).stage_times(THREE)
+    own = tmp_path / "own.json"
+    _table(supernet, own).stage_times(TWO)  # a run table of its own, not in the store
+    saved = json.loads(own.read_text())
+    saved["static"] = {k: v * 2 if k.endswith("_ms") else v for k, v in saved["static"].items()}  # a slower hour
+    own.write_text(json.dumps(saved))
+    run = _table(supernet, own, store)
+    assert run.reused == 2 and run.measured == 0  # THREE's 2nd and 3rd stages; its 1st is TWO's, kept as measured
+    stored = json.loads(next(store.iterdir()).read_text())
+    for key in (THREE.stage_key(1), THREE.stage_key(2)):
+        for field in ("b1_ms", "mid_ms", "large_ms"):
+            want = stored["stages"][key][field] / stored["static"][field] * saved["static"][field]
+            assert getattr(run.entries[key], field) == pytest.approx(want)
+    assert run.entries[TWO.stage_key(0)] == StageTime(**saved["stages"][TWO.stage_key(0)])
+
+
+def test_a_run_table_timed_before_the_store_fills_it(supernet, tmp_path):
+    own = tmp_path / "own.json"
+    _table(supernet, own).stage_times(THREE)  # timed without a store
+    store = tmp_path / "store"
+    assert _table(supernet, own, store).reused == 0
+    later = _table(supernet, None, store)
+    assert later.reused == 3 and later.stage_times(THREE) and later.measured == 0
+
+
+def test_store_is_kept_per_network_and_machine(supernet, tmp_path):
+    store = tmp_path / "store"
+    _table(supernet, None, store).stage_times(TWO)
+    other = _table(supernet, None, store, reference=torch.nn.Sequential(copy.deepcopy(supernet.static).eval()))
+    assert other.reused == 0 and other.network != _table(supernet).network  # another network's layers
+    other.stage_times(TWO)
+    assert other.measured == 2 and len(list(store.iterdir())) == 2
+    wider = LatencyTable(supernet, copy.deepcopy(supernet.static).eval(), shared=store, batch=16, repeats=2,
+                         b1_repeats=3)
+    assert wider.reused == 0  # timed at another batch: another machine record, another file
+    for f in store.iterdir():
+        f.write_text("{not json")
+    broken = _table(supernet, None, store)
+    assert broken.reused == 0 and broken.stage_times(TWO) and broken.measured == 2
+    assert len(json.loads(broken.shared.read_text())["stages"]) == 2  # rewritten whole
 
 
 def test_prediction_composes_stage_times_with_exit_rates(supernet):

@@ -20,16 +20,21 @@ millisecond and are preempted unevenly on a busy machine, so their ratio is of t
 the time a call takes when nothing else runs.
 
 The table is a property of one machine: it is stored with the torch version, thread count, device and
-batch it was measured with, and a table measured under other conditions is not reused.
+batch it was measured with, and a table measured under other conditions is not reused. A stage's time depends on
+its shape, not on its weights, so the machine also keeps a store of stage times per network shape (``shared``,
+``~/.cache/s2d/latency`` for ``s2d convert``): another run of the same model on this machine (a second seed, a
+new tolerance) looks its stages up there instead of timing them again (ResNet-20's full budget: ~400 stages,
+6.5 min). Entries move between tables as multiples of each table's static time, as they were measured.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +81,49 @@ def machine(device: str, batch: int, mid: int) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(), "batch": batch, "mid": mid, "layout": INFERENCE_LAYOUT}
 
 
-class LatencyTable:
-    """Measured stage times of a supernet's archs (see the module doc); ``path`` keeps them between runs."""
+def rescaled(t: StageTime, source: StageTime, target: StageTime) -> StageTime:
+    """``t``, measured beside the static time ``source``, as the same multiples of ``target``."""
+    return replace(t, b1_ms=t.b1_ms / source.b1_ms * target.b1_ms, mid_ms=t.mid_ms / source.mid_ms * target.mid_ms,
+                   large_ms=t.large_ms / source.large_ms * target.large_ms)
 
-    def __init__(self, supernet: SuperNet, reference: nn.Module, *, path: str | Path | None = None, device: str = "cpu",
-                 batch: int = LARGE_BATCH, repeats: int = 5, b1_repeats: int = 30, seed: int = 0) -> None:
+
+def _read_table(path: Path | None, expect: dict[str, Any]) -> tuple[StageTime, dict[str, StageTime]] | None:
+    """A saved table's static time and stage times, or None when absent, unreadable or made under other
+    conditions than ``expect`` (its ``machine``, and for a shared store its ``network``)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if any(saved.get(k) != v for k, v in expect.items()):
+            return None  # measured elsewhere, with other threads, or for another network: says nothing here
+        return StageTime(**saved["static"]), {k: StageTime(**v) for k, v in saved["stages"].items()}
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: measured again, then overwritten
+
+
+class LatencyTable:
+    """Measured stage times of a supernet's archs (see the module doc): ``path`` keeps them for a run, ``shared``
+    (a folder) for every run of this network shape on this machine."""
+
+    def __init__(self, supernet: SuperNet, reference: nn.Module, *, path: str | Path | None = None,
+                 shared: str | Path | None = None, device: str = "cpu", batch: int = LARGE_BATCH, repeats: int = 5,
+                 b1_repeats: int = 30, seed: int = 0) -> None:
         self.supernet, self.reference = supernet, reference.eval()
         self.path = Path(path) if path is not None else None
         self.device, self.batch, self.mid = device, batch, min(MID_BATCH, max(2, batch // 4))
         self.repeats, self.b1_repeats = repeats, b1_repeats
         self.machine = machine(device, batch, self.mid)
-        g = torch.Generator().manual_seed(seed)
         shape = supernet.input_shape
+        # What a stage's time depends on besides its key: the network's layers and the input's shape.
+        self.network = hashlib.sha256(f"{tuple(shape)}|{reference!r}".encode()).hexdigest()[:16]
+        self.shared = self._shared_path(Path(shared)) if shared is not None else None
+        g = torch.Generator().manual_seed(seed)
         self._x1 = torch.randn(1, *shape, generator=g).to(device)
         self._xn = torch.randn(batch, *shape, generator=g).to(device)
         self.entries: dict[str, StageTime] = {}
         self.static: StageTime | None = None
         self.measured = 0  # stages timed by this process
+        self.reused = 0  # stages taken from the machine's shared store
         self._load()
         if self.static is None:
             one = paired_speed(self.reference, self.reference, [self._x1] * self.b1_repeats, warmup=3)
@@ -102,23 +133,42 @@ class LatencyTable:
                                repeats=self.repeats, warmup=1)
             self.static = StageTime(one.fast_reference_ms, mid.ratio * large, large, self.mid, batch)
             self._save()
+        elif self.reused or self._store_lacks:
+            self._save()  # the run keeps the stage times it took from the store, the store those it lacked
+
+    def _shared_path(self, folder: Path) -> Path:
+        """One file per machine and network shape, so runs of other models never read or rewrite it."""
+        digest = hashlib.sha256(json.dumps([self.machine, self.network], sort_keys=True).encode()).hexdigest()[:16]
+        return folder / f"{digest}.json"
 
     def _load(self) -> None:
-        if self.path is None or not self.path.exists():
+        """The run's own table, then what the shared store holds beyond it (in the run's static time)."""
+        if (own := _read_table(self.path, {"machine": self.machine})) is not None:
+            self.static, self.entries = own
+        store = _read_table(self.shared, {"machine": self.machine, "network": self.network})
+        stored = store[1] if store is not None else {}
+        self._store_lacks = self.shared is not None and any(k not in stored for k in self.entries)
+        if store is None:
             return
-        try:
-            saved = json.loads(self.path.read_text())
-            if saved.get("machine") != self.machine:
-                return  # measured elsewhere or with other threads: its times say nothing here
-            self.static = StageTime(**saved["static"])
-            self.entries = {k: StageTime(**v) for k, v in saved["stages"].items()}
-        except (ValueError, KeyError, TypeError):
-            self.static, self.entries = None, {}  # unreadable: measured again, then overwritten
+        static, entries = store
+        if self.static is None:
+            self.static = static
+        for key, t in entries.items():
+            if key not in self.entries:
+                self.entries[key] = rescaled(t, static, self.static)
+                self.reused += 1
 
     def _save(self) -> None:
+        assert self.static is not None
         if self.path is not None:
             write_json_atomic(self.path, {"machine": self.machine, "static": asdict(self.static),
                                           "stages": {k: asdict(v) for k, v in self.entries.items()}})
+        if self.shared is not None:  # merged into what other runs stored meanwhile, in the store's static time
+            static, entries = _read_table(self.shared, {"machine": self.machine, "network": self.network}) or (
+                self.static, {})
+            entries.update({k: rescaled(t, self.static, static) for k, t in self.entries.items() if k not in entries})
+            write_json_atomic(self.shared, {"machine": self.machine, "network": self.network, "static": asdict(static),
+                                            "stages": {k: asdict(v) for k, v in entries.items()}})
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -69,7 +69,7 @@ def run_latency_bench(pipeline, *, archs: int = 20, b1_images: int | None = None
         rows.append(row)
     res = {"run_dir": str(pipeline.run.root), "model": pipeline.cfg.model, "archs": len(rows), "batch": LARGE_BATCH,
            "b1_images": b1_images, "machine": table.machine, "table_entries": len(table),
-           "stages_measured": table.measured,
+           "stages_measured": table.measured, "stages_from_store": table.reused,
            "static_ms": {"b1": table.static_ms(1), "large": table.static_ms(LARGE_BATCH)},
            "median_abs_error_b1": statistics.median(abs(r["error_b1"]) for r in rows),
            "median_abs_error_large": statistics.median(abs(r["error_large"]) for r in rows),
@@ -95,6 +95,7 @@ def latency_markdown(res: dict[str, Any]) -> str:
                      f"{r['predicted_large']:.3f} | {r['error_large']:+.1%} |")
     lines += ["", f"Median |error|: batch 1 {res['median_abs_error_b1']:.1%}, batch {b} "
               f"{res['median_abs_error_large']:.1%}. Table: {res['table_entries']} stages "
-              f"({res['stages_measured']} measured by this run); static network {res['static_ms']['b1']:.3f} ms at "
+              f"({res['stages_measured']} measured by this run, {res.get('stages_from_store', 0)} from the "
+              f"machine's store of stage times); static network {res['static_ms']['b1']:.3f} ms at "
               f"batch 1, {res['static_ms']['large']:.1f} ms at batch {b}; machine {res['machine']}."]
     return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
 from s2d.pipeline.format import race_markdown, stages_summary
 from s2d.pipeline.report import RowMeter, ThresholdChooser, cheapest_points, write_report
-from s2d.runs import PHASES, Run, open_run, write_json_atomic
+from s2d.runs import PHASES, Run, cache_dir, open_run, write_json_atomic
 from s2d.search.archive import Archive
 from s2d.search.evaluator import ArchEvaluator, Objective
 from s2d.search.runner import ALGOS, run_search
@@ -340,10 +340,12 @@ class Pipeline:
 
     def latency_table(self) -> LatencyTable:
         """Stage times of this run's supernet on this machine (``latency_table.json``, kept between phases and
-        benches): the cost model of ``--cost latency|throughput`` and of a latency budget."""
+        benches; stages another run of this model timed come from the machine's store): the cost model of
+        ``--cost latency|throughput`` and of a latency budget."""
         if self._latency is None:
             self._latency = LatencyTable(self.supernet, deployable(copy.deepcopy(self.static)),
-                                         path=self.run.root / "latency_table.json", device=self.cfg.device,
+                                         path=self.run.root / "latency_table.json",
+                                         shared=cache_dir() / "latency", device=self.cfg.device,
                                          seed=self.cfg.seed, repeats=max(2, self.budget.speed_repeats // 4),
                                          b1_repeats=self.budget.speed_repeats * 3 // 2)
         return self._latency
@@ -560,8 +562,10 @@ class Pipeline:
         if "finetune" not in self.state:  # afterwards best_arch.json describes the fine-tuned network
             write_json_atomic(self.run.root / "best_arch.json", best["arch"])
         race = race_candidates(main, best, self.budget.race_archs, must_meet=must_meet)
+        stage_times = ({"measured": self._latency.measured, "from_store": self._latency.reused}
+                       if self._latency is not None else None)  # what the time cost's table cost this search
         self._done("search", summaries=summaries, best=best, fallback=fallback,
-                   race=[r["arch"] for r in race] if len(race) > 1 else [])
+                   race=[r["arch"] for r in race] if len(race) > 1 else [], stage_times=stage_times)
         return best
 
     def finetune_phase(self) -> None:
