@@ -124,7 +124,7 @@ class LatencyTable:
         self.static: StageTime | None = None
         self.measured = 0  # stages timed by this process
         self.reused = 0  # stages taken from the machine's shared store
-        self._load()
+        store_lacks = self._load()
         if self.static is None:
             one = paired_speed(self.reference, self.reference, [self._x1] * self.b1_repeats, warmup=3)
             large = measure_speed(self.reference, self._xn, repeats=self.repeats).per_batch_ms
@@ -133,7 +133,7 @@ class LatencyTable:
                                repeats=self.repeats, warmup=1)
             self.static = StageTime(one.fast_reference_ms, mid.ratio * large, large, self.mid, batch)
             self._save()
-        elif self.reused or self._store_lacks:
+        elif self.reused or store_lacks:
             self._save()  # the run keeps the stage times it took from the store, the store those it lacked
 
     def _shared_path(self, folder: Path) -> Path:
@@ -141,15 +141,16 @@ class LatencyTable:
         digest = hashlib.sha256(json.dumps([self.machine, self.network], sort_keys=True).encode()).hexdigest()[:16]
         return folder / f"{digest}.json"
 
-    def _load(self) -> None:
-        """The run's own table, then what the shared store holds beyond it (in the run's static time)."""
+    def _load(self) -> bool:
+        """The run's own table, then what the shared store holds beyond it (in the run's static time). True when
+        the run's table holds stages the store lacks."""
         if (own := _read_table(self.path, {"machine": self.machine})) is not None:
             self.static, self.entries = own
         store = _read_table(self.shared, {"machine": self.machine, "network": self.network})
         stored = store[1] if store is not None else {}
-        self._store_lacks = self.shared is not None and any(k not in stored for k in self.entries)
+        store_lacks = self.shared is not None and any(k not in stored for k in self.entries)
         if store is None:
-            return
+            return store_lacks
         static, entries = store
         if self.static is None:
             self.static = static
@@ -157,6 +158,7 @@ class LatencyTable:
             if key not in self.entries:
                 self.entries[key] = rescaled(t, static, self.static)
                 self.reused += 1
+        return store_lacks
 
     def _save(self) -> None:
         assert self.static is not None
