@@ -65,11 +65,13 @@ class Run:
         return yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else {}
 
 
-def open_run(root: str | Path, config: dict[str, Any], *, identity: tuple[str, ...]) -> Run:
+def open_run(root: str | Path, config: dict[str, Any], *, identity: tuple[str, ...],
+             legacy: dict[str, Any] | None = None) -> Run:
     """Create or reopen a run; ``identity`` keys must match an existing run's config.
 
     Other keys (e.g. epochs, device) may change between invocations, so a user can
-    extend a run or resume it on another device.
+    extend a run or resume it on another device. ``legacy`` holds what a run made before an identity key
+    existed was made with: its config lacks the key, and reopening it with another value is a clash.
     """
     root = Path(root)
     try:
@@ -83,6 +85,8 @@ def open_run(root: str | Path, config: dict[str, Any], *, identity: tuple[str, .
         ) from None
     run = Run(root)
     old = run.config()
+    if old:
+        old = {**(legacy or {}), **old}
     clash = {k: (old.get(k), config.get(k)) for k in identity if k in old and old.get(k) != config.get(k)}
     if clash:
         what = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in clash.items())

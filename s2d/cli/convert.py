@@ -18,7 +18,7 @@ def config_from_args(args: argparse.Namespace):
     return ConvertConfig(model=args.model, dataset=args.dataset, weights=args.weights, algo=args.algo,
                          budget=args.budget, tolerance=args.tolerance, objective=args.objective, cost=args.cost,
                          search_thresholds=args.search_thresholds, section_widths=args.section_widths,
-                         exit_gates=args.exit_gates,
+                         exit_gates=args.exit_gates, exit_head=args.exit_head,
                          max_stages=args.max_stages, bn=args.bn,
                          importance=args.importance, target_mac_ratio=args.target_mac_ratio,
                          target_macs=args.target_macs, target_latency_ms=args.target_latency_ms,
@@ -127,6 +127,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
     from s2d.search.evaluator import OBJECTIVES
     from s2d.search.runner import ALGOS
     from s2d.transform.importance import CRITERIA
+    from s2d.transform.sliced import EXIT_HEADS
 
     add_model_args(p)
     add_data_args(p)
@@ -163,6 +164,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-gates", action="store_true",
                    help="let a logistic gate per exit, fitted on the search's validation images to the images an exit "
                         "would lose, decide who leaves instead of the exit rule's softmax (see README: Exit gates)")
+    p.add_argument("--exit-head", choices=tuple(EXIT_HEADS), default="mlp",
+                   help="exit heads of full-width stages, fitted on the static network's frozen features: a hidden "
+                        "layer of 256 units before the classifier (mlp, default) or a linear probe (linear)")
     p.add_argument("--max-stages", type=int, choices=(2, 3, 4), default=4)
     p.add_argument("--bn", choices=("batch", "frozen"), default="batch",
                    help="batch-norm statistics in supernet training: per arch (batch) or the static ones (frozen)")

@@ -1,6 +1,6 @@
 """Per-exit temperature scaling (Guo et al. 2017): one scalar per stage that makes its softmax calibrated.
 
-Early exit heads are linear probes or briefly trained, so their softmax is over- or under-confident
+Early exit heads are probes of frozen features or briefly trained, so their softmax is over- or under-confident
 in its own way, and a threshold of 0.9 would mean something different at every exit. Dividing each
 stage's logits by a temperature fitted for the lowest negative log-likelihood on held-out images
 gives confidences that mean the same thing everywhere; the argmax (accuracy) does not change.

@@ -46,6 +46,7 @@ from s2d.training.heads import fit_heads, init_heads
 from s2d.training.supernet import SupernetConfig, probe, train_archs
 from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.importance import CRITERIA, order_channels
+from s2d.transform.sliced import EXIT_HEADS
 from s2d.transform.stages import INFERENCE_LAYOUT
 from s2d.transform.supernet import SuperNet, dynamic_checkpoint
 
@@ -214,6 +215,7 @@ class ConvertConfig:
     search_thresholds: bool = False
     section_widths: bool = False  # stages may taper their width over the sections (SearchSpace.taper)
     exit_gates: bool = False  # fit a learned gate per exit on the search's validation images (else: the softmax)
+    exit_head: str = "mlp"  # full-width exit heads: a hidden layer before the classifier ("mlp") or one layer
     max_stages: int = 4
     bn: str = "batch"  # batch-norm statistics while training the supernet: "batch" (per arch) or "frozen"
     importance: str = "l2"  # channel order of the supernet (Torch-Pruning criterion), or "none"
@@ -246,12 +248,14 @@ class ConvertConfig:
                            f"--run-dir {run_dir} first") from None
         if not isinstance(saved, dict) or "model" not in saved or saved.get("command", "convert") != "convert":
             raise S2DError(f"{run_dir} is not a conversion's run directory; run s2d convert --run-dir {run_dir}")
-        cfg = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        cfg = cls(**{**LEGACY, **{f.name: saved[f.name] for f in fields(cls) if f.name in saved}})
         if cfg.target_macs is not None:  # the saved ratio is resolved from it: one budget, as the user gave it
             cfg.target_mac_ratio = None
         return cfg
 
     def validate(self) -> None:
+        if self.exit_head not in EXIT_HEADS:
+            raise S2DError(f"unknown --exit-head {self.exit_head!r}; valid: {', '.join(EXIT_HEADS)}")
         if self.budget not in BUDGETS:
             raise S2DError(f"unknown --budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
         if self.algo not in ALGOS:
@@ -277,8 +281,11 @@ class ConvertConfig:
             raise S2DError(f"--max-stages must be 2, 3 or 4, got {self.max_stages}")
 
 
+# what a run directory written before a setting existed was made with (its config.yaml lacks the key)
+LEGACY = {"exit_head": "linear"}
+
 IDENTITY = ("model", "dataset", "weights", "algo", "budget", "tolerance", "objective", "cost", "search_thresholds",
-            "section_widths",
+            "section_widths", "exit_head",
             "max_stages", "bn", "importance", "target_mac_ratio", "target_macs", "seed", "val_size", "split_seed",
             "confidence", "calib_size", "target_latency_ms")
 
@@ -311,7 +318,7 @@ class Pipeline:
                            f"{cfg.tolerance}-point tolerance (one lost image is {100 / len(self.calib):.3g} points); "
                            f"it needs {need} images: pass --calib-size {need} (with a --val-size that leaves it) or "
                            f"a larger --tolerance")
-        self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY)
+        self.run: Run = open_run(run_dir, {"command": "convert", **asdict(cfg)}, identity=IDENTITY, legacy=LEGACY)
         self.static = load_model(cfg.model, self.data.info, cfg.weights).to(cfg.device)
         # the distillation target of every training phase, as deployed (BN folded, channels-last on the CPU): the
         # same logits to 1e-5 and a 1.6-1.9x faster forward alone (the demo's fine-tune took as long: 330 s either way)
@@ -379,7 +386,7 @@ class Pipeline:
         estimated on fixed, un-augmented training images, so they are reproducible."""
         info, cfg = self.data.info, self.cfg
         sn = SuperNet(copy.deepcopy(self.ordered).cpu(), (info.in_channels, info.image_size, info.image_size),
-                      info.num_classes).to(cfg.device)
+                      info.num_classes, head_hidden=EXIT_HEADS[cfg.exit_head]).to(cfg.device)
         self._arch_statistics(sn)
         return sn
 
@@ -431,7 +438,7 @@ class Pipeline:
 
     # --- phases ---------------------------------------------------------------------------
     def supernet_phase(self) -> None:
-        """Exit heads as linear probes of the static features, then sandwich-rule fine-tuning
+        """Exit heads as probes of the static features, then sandwich-rule fine-tuning
         of the supernet, distilled from the static model."""
         self._started["supernet"] = time.perf_counter()
         probes = [self.space.width_only(), self.space.depth_only()]
@@ -450,7 +457,7 @@ class Pipeline:
         self._arch_statistics(self.supernet)  # a heads-only fine-tune may have switched them off
 
     def full_width_supernet(self) -> SuperNet:
-        """The static weights and statistics with full-width heads fitted as linear probes: what a
+        """The static weights and statistics with full-width heads fitted as probes: what a
         full-width arch is (no shared-weight training), for the evaluator and the heads-only fine-tune."""
         if self._full_width is None:
             sn = self.new_supernet()
@@ -793,7 +800,7 @@ class Pipeline:
             chosen = baselines["depth_only"] if certified else static_arch()
             name = f"shipped: {'depth-only exits on the static network' if certified else 'static network'} (fallback)"
             fallback += f"; shipped: {name.removeprefix('shipped: ').removesuffix(' (fallback)')}"
-            chooser = self.threshold_chooser(full_width=True)  # the static weights (and linear-probe heads)
+            chooser = self.threshold_chooser(full_width=True)  # the static weights (and probe heads)
             chosen = self._with_exit_fit(chooser, chosen)
             twin, choosers, static_stage = False, {"distilled": chooser}, "distilled"
         tests, twin_points = {}, {}

@@ -25,14 +25,16 @@ from s2d.measure.timing import deployable
 from s2d.models import get_model
 from s2d.training.heads import prepare_arch
 from s2d.transform.arch import MultiStageArch
+from s2d.transform.sliced import EXIT_HEADS
 from s2d.transform.supernet import SuperNet, is_dynamic_checkpoint
 
 __all__ = ["dynamic_from_files", "evaluate_dynamic", "evaluate_static", "threshold_sweep"]
 
 
-def _supernet(model: nn.Module, data: Dataset, device: str) -> SuperNet:
+def _supernet(model: nn.Module, data: Dataset, device: str, head_hidden: int = EXIT_HEADS["mlp"]) -> SuperNet:
     info = data.info
-    return SuperNet(model.cpu(), (info.in_channels, info.image_size, info.image_size), info.num_classes).to(device)
+    return SuperNet(model.cpu(), (info.in_channels, info.image_size, info.image_size), info.num_classes,
+                    head_hidden=head_hidden).to(device)
 
 
 def _prepared(model: nn.Module, data: Dataset, arch: MultiStageArch, *, tolerance: float,
@@ -103,7 +105,8 @@ def dynamic_from_files(data: Dataset, weights: str | None, *, model_name: str, a
     ckpt = checkpoint.load(weights) if weights and Path(weights).is_file() else None
     if ckpt is not None and is_dynamic_checkpoint(ckpt):
         supernet = _supernet(get_model(ckpt["model"], ckpt["num_classes"], ckpt["in_channels"],
-                                       image_size=ckpt["image_size"]), data, device)
+                                       image_size=ckpt["image_size"]), data, device,
+                             head_hidden=ckpt.get("head_hidden", 0))  # checkpoints older than the key: linear
         checkpoint.load_into(supernet, ckpt["state_dict"], str(weights))
         arch = arch or MultiStageArch.from_dict(ckpt["arch"])
         return supernet.eval(), supernet.validate(arch)

@@ -134,7 +134,7 @@ def report_markdown(r: dict[str, Any]) -> str:
         lines += ["## Fine-tune race", "", *race_markdown(r["race"]), ""]
     lines += ["Rows marked (supernet) use the shared supernet weights, except archs whose stages are all full "
               "width (static, depth_only): those are the static network plus exit heads, scored with the static "
-              "weights and linear-probe heads. The chosen network is fine-tuned on its own afterwards (a full-width "
+              "weights and probe heads. The chosen network is fine-tuned on its own afterwards (a full-width "
               "one: its heads, on every training image). Speed ratios are wall-clock on this machine, each timed "
               "interleaved with the static model; batch 256: median of the paired repeats; batch 1: the mean time per "
               "image over single test images with real early exits (each image's fastest of 3 paired calls), as a "

@@ -586,7 +586,7 @@ def peers_markdown(res: dict[str, Any]) -> str:
               "The depth-only and searched + fine-tuned rows come from the conversion's report.json (— where it has "
               "none, or timed them in another memory layout). Cost: pruning plus fine-tuning for the peers, the whole "
               "conversion for s2d's points (one conversion yields all of them); the depth-only network is a "
-              "by-product of the conversion's report (linear-probe exit heads on the static weights).", ""]
+              "by-product of the conversion's report (probe exit heads on the static weights).", ""]
     return "\n".join(lines)
 
 

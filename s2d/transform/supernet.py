@@ -36,7 +36,9 @@ from s2d.transform.stages import StagePlan, build_stages, head_key, materialise
 
 class SuperNet(nn.Module):
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
-                 widths: Iterable[float] = WIDTH_GRID, plan_cache_size: int = 64) -> None:
+                 widths: Iterable[float] = WIDTH_GRID, plan_cache_size: int = 64, head_hidden: int = 0) -> None:
+        """``head_hidden`` units give every full-width exit head a hidden layer (``ExitHead``): those heads read
+        the static network's features as they are; narrow stages' heads train with their backbone and stay linear."""
         super().__init__()
         self.graph: ModelGraph = analyze(model, input_shape)
         self.static = self.graph.gm
@@ -44,12 +46,14 @@ class SuperNet(nn.Module):
         self.reference = FrozenModule(copy.deepcopy(self.graph.gm))
         self.num_classes = num_classes
         self.widths = tuple(widths)
+        self.head_hidden = head_hidden
         heads = {}
         for e in self.graph.exits:
             for w in self.widths:
                 if e.name == OUTPUT_EXIT and w == 1.0:
                     continue  # the static classifier (the tail) serves here
-                heads[head_key(e.name, w)] = ExitHead(e.width_channels(w), num_classes, e.spatial)
+                heads[head_key(e.name, w)] = ExitHead(e.width_channels(w), num_classes, e.spatial,
+                                                      hidden=head_hidden if w == 1.0 else 0)
         self.heads = nn.ModuleDict(heads)
         self._plans: OrderedDict[str, StagePlan] = OrderedDict()
         self._plan_cache_size = plan_cache_size
@@ -212,7 +216,7 @@ def dynamic_checkpoint(supernet: SuperNet, arch: MultiStageArch, meta: dict) -> 
     """What rebuilds a ``DynamicNet``: the model's identity, the arch and the supernet weights
     (with the arch's batch-norm statistics in the buffers)."""
     supernet.ensure_statistics(arch)
-    return {"format": DYNAMIC_FORMAT, **meta, "arch": arch.to_dict(),
+    return {"format": DYNAMIC_FORMAT, **meta, "arch": arch.to_dict(), "head_hidden": supernet.head_hidden,
             "state_dict": {k: v.detach().cpu() for k, v in supernet.state_dict().items()}}
 
 
