@@ -379,7 +379,8 @@ def test_dynamic_checkpoint_rebuilds_the_reported_network(converted, fmnist):
 
     run = converted["dir"]
     ckpt = checkpoint.load(run / "checkpoints" / "dynamic.pt")
-    sn = SuperNet(get_model("resnet20", 10, 1), (1, 28, 28), 10)
+    assert ckpt["head_hidden"] == 256  # --exit-head mlp, the default: full-width heads have a hidden layer
+    sn = SuperNet(get_model("resnet20", 10, 1), (1, 28, 28), 10, head_hidden=ckpt["head_hidden"])
     checkpoint.load_into(sn, ckpt["state_dict"], "dynamic.pt")
     net = sn.materialise(MultiStageArch.from_dict(ckpt["arch"]))
     preds, exits = [], []
