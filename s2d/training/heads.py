@@ -71,9 +71,9 @@ def _fit(module: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, *, 
 def _fit_hidden(head: ExitHead, feats: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
                 batch_size: int, generator: torch.Generator) -> float:
     """Fit a head with a hidden layer from a fresh start drawn from ``generator``, on standardised features
-    (the pooled features of a frozen backbone span orders of magnitude, which the ReLU layer does not absorb as a
-    linear probe does); the standardisation is folded into the hidden layer afterwards, so the head reads the raw
-    features as any other."""
+    (the pooled features of a frozen backbone differ in scale by an order of magnitude and more, which a ReLU layer
+    trained with one learning rate does not absorb as a linear probe does); the standardisation is folded into the
+    hidden layer afterwards, so the head reads the raw features as any other."""
     first = head.hidden[0]
     for layer in (first, head.fc):
         torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
