@@ -241,6 +241,19 @@ def test_every_search_starts_from_pruned_networks_and_their_cascades(sn):
     assert all(a.num_stages >= 2 for a in SearchSpace(sn.graph, min_stages=2).seeds())
 
 
+def test_the_early_depth_only_seed_exits_after_each_sections_first_block(sn):
+    space = SearchSpace(sn.graph)
+    early, late = space.depth_only(early=True), space.depth_only()
+    assert [(s.width, s.exit) for s in early.stages] == [(1.0, "layer1.0"), (1.0, "layer2.0"), (1.0, "output")]
+    assert [s.exit for s in late.stages] == ["layer1.2", "layer2.2", "output"]
+    assert early in space.seeds() and late in space.seeds()
+    early_macs, _ = stage_macs(list(sn.materialise(early, fold_bn=False).stages), SHAPE)
+    late_macs, _ = stage_macs(list(sn.materialise(late, fold_bn=False).stages), SHAPE)
+    static = static_cost(sn.static, DatasetInfo("fashion-mnist", 10, 1, 28, (0.5,), (0.25,), hflip=False)).total_macs
+    assert early_macs[0] < 0.15 * static < late_macs[0]  # one block of the first section, not three
+    assert sum(early_macs) == pytest.approx(sum(late_macs), rel=0.02)  # the whole network either way, plus heads
+
+
 def test_the_sandwich_trains_pruned_networks_at_distinct_widths_every_batch(sn):
     space = SearchSpace(sn.graph)
     sample = space.sandwich(pruned=3, random_archs=1)

@@ -116,6 +116,9 @@ BUDGETS = {
     # of the same wall clock takes about 20000 steps; the narrow stage was the under-trained part of the conversion.
     # From scratch (runs/full-r20-v11) the budget took 54.0 min, not 47.2: its search's leaders included a
     # non-cascade arch that races at half the cascades' speed (race 10.6 min). Certified 5.75x at -0.16 points.
+    # With hidden-layer exit heads (runs/full-r20-v12) the search chose full-width exits after layer1.0 and layer1.1
+    # (reward 0.746 against 0.731 for [0.375, static]): nothing trains after the search, 19.9 min in all, certified
+    # 4.88x at +0.04 points (throughput x3.02). A search that picks a cascade still pays for its fine-tune.
     "full": Budget(supernet_steps=1200, evaluations=150, search_val_images=2500, finetune_steps=500,
                    batch_size=128, compare_random=False, head_images=20000, bn_images=1000,
                    narrow_finetune_steps=10000, static_stage_steps=2000, race_archs=3, race_steps=1300),

@@ -312,8 +312,16 @@ class SearchSpace:
         return sample
 
     # Special cases of the space, used as baselines.
-    def depth_only(self, num_stages: int = 3) -> MultiStageArch:
-        """SDN-style: full width, exits spread over the network (section ends first)."""
+    def depth_only(self, num_stages: int = 3, *, early: bool = False) -> MultiStageArch:
+        """SDN-style: full width, exits spread over the network (section ends first). ``early``: exits after the
+        first block of the first sections instead (the stem's own exit skipped), cheap full-width exits; with
+        hidden-layer heads they answer most easy images (ResNet-20 on Fashion-MNIST: right on 89 % of them after
+        ``layer1.0``, 12 % of the MACs)."""
+        exits = self.graph.exits[:-1]
+        if early:
+            starts = exits[1:2] + [e for i, e in enumerate(exits) if i > 1 and exits[i - 1].section != e.section]
+            stages = [Stage(1.0, e.name, True) for e in starts[:num_stages - 1]]
+            return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)
         ends = [e for i, e in enumerate(self.graph.exits[:-1])
                 if self.graph.exits[i + 1].section != e.section]
         picks = ends if len(ends) >= num_stages - 1 else [e for e in self.graph.exits[:-1]]
@@ -331,12 +339,15 @@ class SearchSpace:
         """Known-good starting points every search evaluates first: each pruned network (one stage at width
         w < 1, uniform or tapered, what a static pruner ships) and its cascade with the static network, plus SDN-style
         depth-only exits. A uniform draw rarely lands on them (a two-stage cascade whose first stage exits at
-        the output is about 1 % of the space), yet they are the archs a user compares s2d with."""
+        the output is about 1 % of the space), yet they are the archs a user compares s2d with. The early depth-only
+        arch too: the small budget's 40 evaluations never drew it, and on the demo's search images it scores 0.647
+        against 0.606 for the best cascade (``runs/demo-v10``)."""
         shapes = [self._shape(i, t) for i, w in enumerate(self.widths) if w < 1 for t in self._shapes(i)]
         pruned = [MultiStageArch((Stage(w, OUTPUT_EXIT, True),), self.exit_rule) for w in shapes]
         cascades = [MultiStageArch((Stage(w, OUTPUT_EXIT, True), Stage(1.0, OUTPUT_EXIT, True, recompute=True)),
                                    self.exit_rule) for w in shapes]
-        archs = [*pruned, *cascades, self.depth_only()]
+        depth = list(dict.fromkeys([self.depth_only(), self.depth_only(early=True)]))  # one, where they coincide
+        archs = [*pruned, *cascades, *depth]
         return [a.validate(self.graph) for a in archs if a.num_stages >= self.min_stages
                 and a.num_stages <= self.max_stages]
 
