@@ -19,7 +19,7 @@ export MKL_NUM_THREADS ?= $(OMP_NUM_THREADS)
 .PHONY: help venv data test test-all demo lint clean
 
 help:
-	@echo "make demo      set up, then convert the zoo's resnet20 (Fashion-MNIST, small budget, 12-16 min; 12.6 on an idle machine)"
+	@echo "make demo      set up, then convert the zoo's resnet20 (Fashion-MNIST, small budget, 6-12 min; 6.1 on an idle machine)"
 	@echo "make test      set up, then run the test suite (without the slow tests)"
 	@echo "make test-all  the test suite including slow tests"
 	@echo "make venv      create $(VENV) and install s2d (editable) with its dev tools"
