@@ -338,12 +338,17 @@ def test_depth_only(r20_graph, mnv3_graph):
     assert space.depth_only(2).stages[0].exit == "layer2.2"  # the latest section end first
     four = space.depth_only(4)
     assert four.num_stages == 4 and all(s.width == 1.0 for s in four.stages)
+    assert [s.exit for s in space.depth_only(early=True).stages] == ["layer1.0", "layer2.0", OUTPUT_EXIT]
+    assert [s.exit for s in space.depth_only(2, early=True).stages] == ["layer1.0", OUTPUT_EXIT]  # the earliest
     for graph in (r20_graph, mnv3_graph):
         space = SearchSpace(graph)
         for n in (2, 3, 4):
             arch = space.depth_only(n)
             arch.validate(graph)
             assert arch.num_stages == n
+            early = space.depth_only(n, early=True)  # validated; ordered, full width, ends at the output
+            e_idx = [graph.exit_names.index(s.exit) for s in early.stages]
+            assert e_idx == sorted(set(e_idx)) and e_idx[-1] == len(graph.exit_names) - 1 and e_idx[0] == 1
             assert all(s.width == 1.0 and s.reuse is True for s in arch.stages)
             idx = [graph.exit_names.index(s.exit) for s in arch.stages]
             assert idx == sorted(set(idx)) and idx[-1] == len(graph.exit_names) - 1

@@ -321,6 +321,8 @@ class SearchSpace:
         if early:
             starts = exits[1:2] + [e for i, e in enumerate(exits) if i > 1 and exits[i - 1].section != e.section]
             stages = [Stage(1.0, e.name, True) for e in starts[:num_stages - 1]]
+            if not stages:  # a network with a single block before its output: nothing earlier to offer
+                return self.depth_only(num_stages)
             return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)
         ends = [e for i, e in enumerate(self.graph.exits[:-1])
                 if self.graph.exits[i + 1].section != e.section]
