@@ -346,12 +346,12 @@ def test_depth_only(r20_graph, mnv3_graph):
             arch = space.depth_only(n)
             arch.validate(graph)
             assert arch.num_stages == n
-            early = space.depth_only(n, early=True)  # validated; ordered, full width, ends at the output
-            e_idx = [graph.exit_names.index(s.exit) for s in early.stages]
-            assert e_idx == sorted(set(e_idx)) and e_idx[-1] == len(graph.exit_names) - 1 and e_idx[0] == 1
             assert all(s.width == 1.0 and s.reuse is True for s in arch.stages)
             idx = [graph.exit_names.index(s.exit) for s in arch.stages]
             assert idx == sorted(set(idx)) and idx[-1] == len(graph.exit_names) - 1
+            early = space.depth_only(n, early=True)  # validated; ordered, full width, ends at the output
+            e_idx = [graph.exit_names.index(s.exit) for s in early.stages]
+            assert e_idx == sorted(set(e_idx)) and e_idx[-1] == len(graph.exit_names) - 1 and e_idx[0] == 1
     # MobileNetV3: the first stages end sections (the resolution changes right after them)
     space = SearchSpace(mnv3_graph)
     by_name = {e.name: e for e in mnv3_graph.exits}

@@ -324,9 +324,8 @@ class SearchSpace:
             if not stages:  # a network with a single block before its output: nothing earlier to offer
                 return self.depth_only(num_stages)
             return MultiStageArch((*stages, Stage(1.0, OUTPUT_EXIT, True)), self.exit_rule).validate(self.graph)
-        ends = [e for i, e in enumerate(self.graph.exits[:-1])
-                if self.graph.exits[i + 1].section != e.section]
-        picks = ends if len(ends) >= num_stages - 1 else [e for e in self.graph.exits[:-1]]
+        ends = [e for i, e in enumerate(exits) if self.graph.exits[i + 1].section != e.section]
+        picks = ends if len(ends) >= num_stages - 1 else list(exits)
         idx = np.linspace(0, len(picks) - 1, num_stages - 1).round().astype(int) if len(ends) < num_stages - 1 \
             else range(len(picks) - (num_stages - 1), len(picks))
         stages = [Stage(1.0, picks[i].name, True) for i in sorted(set(int(i) for i in idx))]
