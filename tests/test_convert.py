@@ -136,8 +136,10 @@ def test_convert_end_to_end(converted):
     assert (run / "pareto.png").read_bytes()[:8] == PNG_MAGIC
     archive = [json.loads(line) for line in (run / "archive.jsonl").read_text().splitlines()]
     seeds = [a for a in archive if a["searcher"] == "seed"]  # 7 pruned widths, their cascades, 2 depth-only
-    assert len(seeds) == 2 * 7 + 2 and {a["searcher"] for a in archive} <= {"ppo", "random", "seed"}
-    assert 4 <= len(archive) - len(seeds) <= 8
+    sweep = [a for a in archive if a["searcher"] == "sweep"]  # the tiny budget's: every 2-stage full-width arch
+    assert len(seeds) == 2 * 7 + 2 and {a["searcher"] for a in archive} <= {"ppo", "random", "seed", "sweep"}
+    assert len(sweep) == 9 and all(len(a["arch"]["stages"]) == 2 for a in sweep)
+    assert 4 <= len(archive) - len(seeds) - len(sweep) <= 8
     for sub in ("supernet", "search_ppo", "search_random", "finetune"):
         assert list((run / "tensorboard" / sub).glob("events.out.tfevents.*")), sub
     for name in ("supernet.pt", "finetune.pt", "ppo.zip", "dynamic.pt"):

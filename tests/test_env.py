@@ -361,6 +361,22 @@ def test_depth_only(r20_graph, mnv3_graph):
         assert nxt.section != by_name[s.exit].section
 
 
+def test_depth_only_sweep(r20_graph, mnv3_graph):
+    """Every full-width arch of up to four stages on ResNet-20 (9 exits before the output: 9 + 36 + 84), valid and
+    distinct, the stem's exit included; a limit drops whole stage counts, the largest first."""
+    space = SearchSpace(r20_graph)
+    sweep = space.depth_only_sweep()
+    assert len(sweep) == 9 + 36 + 84 == len({a.key() for a in sweep})
+    assert all(a.is_full_width and a.stages[-1].exit == OUTPUT_EXIT and 2 <= a.num_stages <= 4 for a in sweep)
+    assert sweep[0].stages[0].exit == r20_graph.exit_names[0]  # the stem's exit
+    assert space.depth_only(early=True) in sweep and space.depth_only() in sweep
+    assert [a.num_stages for a in space.depth_only_sweep(limit=50)] == [2] * 9 + [3] * 36
+    assert len(space.depth_only_sweep(limit=1)) == 9  # one stage count at least
+    assert all(a.num_stages <= 3 for a in SearchSpace(r20_graph, max_stages=3).depth_only_sweep())
+    for arch in SearchSpace(mnv3_graph).depth_only_sweep():
+        arch.validate(mnv3_graph)
+
+
 def test_width_only(r20_graph, mnv3_graph):
     for graph in (r20_graph, mnv3_graph):
         space = SearchSpace(graph)

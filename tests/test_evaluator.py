@@ -360,6 +360,33 @@ def test_full_width_archs_are_scored_on_the_full_width_network(setup):
     np.testing.assert_allclose(conf.numpy(), reference_stage_outputs(setup, HAND_ARCH)[0], atol=1e-5)
 
 
+def test_full_width_stage_outputs_are_computed_once_per_exit(setup, monkeypatch):
+    """A full-width stage's logits are its exit's whatever comes before it: the evaluator runs the network once
+    for the exits it has not seen, and every later arch over seen exits gets the reference outputs without a pass."""
+    _, other = random_supernet(seed=3)
+    ev = ArchEvaluator(setup["supernet"], setup["val"], setup["info"], static_accuracy=0.5,
+                       static_macs=setup["static_macs"], full_width=other)
+    passes = []
+    forward = other.forward_stages
+    monkeypatch.setattr(other, "forward_stages", lambda x, arch, upto=None: passes.append(arch) or forward(x, arch))
+
+    def stages(*exits: str) -> MultiStageArch:
+        return MultiStageArch(tuple(Stage(1.0, e, True) for e in exits))
+
+    seen = [stages("relu", "layer1.2", "layer3.0", "output"), stages("layer2.2", "output")]
+    for arch in seen:
+        ev.stage_outputs(arch)
+    network_passes = len(passes)
+    for arch in (stages("relu", "layer2.2", "output"), stages("layer1.2", "layer3.0", "output"), stages("output")):
+        out = ev.stage_outputs(arch)
+        ref_conf, ref_correct = reference_stage_outputs({**setup, "supernet": other}, arch)
+        np.testing.assert_allclose(out.confidence.numpy(), ref_conf, atol=1e-5)
+        assert (out.correct.numpy() == ref_correct).all()
+    assert len(passes) == network_passes  # all from the cache
+    ev.stage_outputs(stages("layer1.0", "output"))  # an exit not seen yet: one more pass
+    assert len(passes) > network_passes
+
+
 def test_budget_objective_fits_the_mac_budget_and_ranks_by_accuracy(setup):
     """Budget mode: thresholds keep average MACs within the target ratio; a looser budget never
     scores a lower accuracy; an arch whose cheapest setting is over budget does not meet it."""

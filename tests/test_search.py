@@ -277,7 +277,9 @@ def test_pipeline_supernet_and_search_phases(tmp_path, tiny_run, quick_data, mon
     seeds = [r for r in records if r["searcher"] == "seed"]  # pruned networks, their cascades, depth-only
     assert [r["key"] for r in seeds] == [a.key() for a in p.space.seeds()]
     ppo = [r for r in records if r["searcher"] == "ppo"]
-    assert best == max(ppo + seeds, key=lambda r: r["reward"])["arch"]
+    sweep = [r for r in records if r["searcher"] == "sweep"]
+    assert [r["key"] for r in sweep] == [a.key() for a in p.space.depth_only_sweep(p.budget.sweep_archs)]
+    assert best == max(ppo + seeds + sweep, key=lambda r: r["reward"])["arch"]
     check_log(tmp_path, "ppo", p.budget.evaluations)
     check_log(tmp_path, "random", p.budget.evaluations)
     state_json = json.loads((tmp_path / "state.json").read_text())

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from s2d.data import Split
-from s2d.measure.accuracy import StageOutputs, stage_outputs
+from s2d.measure.accuracy import StageOutputs, stage_logits, stage_outputs
 from s2d.measure.calibration import calibrate_budget_thresholds, calibrate_thresholds
 from s2d.measure.cost import average_macs, stage_macs
 from s2d.measure.guarantee import certify, threshold_sequence
@@ -130,6 +130,7 @@ class ArchEvaluator:
         self.archive = archive
         self.device, self.batch_size = device, batch_size
         self._stage_cost: dict[str, float] = {}
+        self._exit_logits: dict[str, torch.Tensor] = {}  # full-width exit -> its logits on ``val``
         self.evaluations = 0  # real (uncached) evaluations in this process
         self.pool: ScoringPool | None = None  # workers that score batches of archs in parallel
 
@@ -143,10 +144,12 @@ class ArchEvaluator:
         return self.static_accuracy - self.objective.tolerance
 
     def stage_costs(self, arch: MultiStageArch) -> list[float]:
-        """Incremental MACs of every stage, cached per stage prefix (a stage's cost depends only on earlier ones)."""
+        """Incremental MACs of every stage, cached per stage prefix (a stage's cost depends only on earlier ones).
+        Materialised from the network that scores the arch: a full-width arch on the shared weights would first
+        estimate batch-norm statistics it does not need (two thirds of an evaluation's time)."""
         keys = [arch.stage_key(s) for s in range(arch.num_stages)]
         if any(k not in self._stage_cost for k in keys):
-            net = self.supernet.materialise(MultiStageArch(arch.stages, arch.exit_rule), fold_bn=False)
+            net = self.network_for(arch).materialise(MultiStageArch(arch.stages, arch.exit_rule), fold_bn=False)
             macs, _ = stage_macs(list(net.stages), self.supernet.input_shape)
             self._stage_cost.update(zip(keys, macs, strict=True))
         return [self._stage_cost[k] for k in keys]
@@ -164,9 +167,22 @@ class ArchEvaluator:
         return self.supernet
 
     def stage_outputs(self, arch: MultiStageArch) -> StageOutputs:
-        """Every stage's confidence and correctness on the validation images."""
-        return stage_outputs(self.network_for(arch), arch, self.val, self.info, device=self.device,
-                             batch_size=self.batch_size)
+        """Every stage's confidence and correctness on the validation images.
+
+        A full-width stage's logits are its exit's, whichever stages come before it (every one computes the static
+        network up to its exit, and its head is the exit's), so they are computed once per exit: scoring every
+        full-width arch of ResNet-20 (``sweep_full_width``) then costs a few network passes, not one per arch."""
+        if self.full_width is None or not arch.is_full_width:
+            return stage_outputs(self.network_for(arch), arch, self.val, self.info, device=self.device,
+                                 batch_size=self.batch_size)
+        if any(s.exit not in self._exit_logits for s in arch.stages):
+            self.full_width.eval()
+            logits = stage_logits(lambda x: self.full_width.forward_stages(x, arch), self.val, self.info,
+                                  device=self.device, batch_size=self.batch_size)
+            self._exit_logits.update((s.exit, lg) for s, lg in zip(arch.stages, logits, strict=True))
+        logits = torch.stack([self._exit_logits[s.exit] for s in arch.stages])
+        conf = torch.stack([arch.confidence(s, lg) for s, lg in enumerate(logits)])
+        return StageOutputs(conf, logits.argmax(-1) == self.val.labels[None])
 
     def objective_costs(self, arch: MultiStageArch, macs: list[float]) -> tuple[list[float], float]:
         """Per-stage costs in the objective's unit and the static network's: what thresholds trade accuracy for."""

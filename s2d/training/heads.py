@@ -17,6 +17,8 @@ from s2d.transform.sliced import ExitHead, head_pool
 from s2d.transform.stages import head_key, reads_tail, stage_head_key
 from s2d.transform.supernet import SuperNet
 
+HEAD_EPOCHS = 15  # epochs of the heads a network ships (a supernet's starting probes take fewer)
+
 
 def exit_heads(supernet: SuperNet, arch: MultiStageArch) -> list[tuple[int, ExitHead]]:
     """(stage index, head) of every non-final stage that has an exit head (not the static model's tail)."""
@@ -102,7 +104,7 @@ def fit_head(head: ExitHead, feats: torch.Tensor, labels: torch.Tensor, *, epoch
         return _fit(head.fc, feats, labels, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator)
 
 
-def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *, epochs: int = 15,
+def fit_heads(supernet: SuperNet, arch: MultiStageArch, split: Split, info: DatasetInfo, *, epochs: int = HEAD_EPOCHS,
               lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
               device: str | torch.device = "cpu") -> list[float]:
     """Train the non-final heads of ``arch`` on its frozen features; returns each head's final loss."""
