@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from s2d import checkpoint, distributed
 from s2d.data import Batches, Dataset, Split, calibration_split, default_calib_size, load_dataset
@@ -550,8 +551,12 @@ class Pipeline:
             build = functools.partial(search_evaluator, asdict(self.cfg), str(self.run.root))
             ev.pool = pool = RayScoringPool(build, self.cfg.workers, address=self.cfg.ray_address)
         try:
-            list(ev.evaluate_each(list(self.space.seeds()), searcher="seed"))  # archived: a resumed search skips them
-            list(ev.evaluate_each(self.space.depth_only_sweep(self.budget.sweep_archs), searcher="sweep"))
+            seeds, sweep = list(self.space.seeds()), self.space.depth_only_sweep(self.budget.sweep_archs)
+            with tqdm(total=len(seeds) + len(sweep), desc="search (seeds, full-width sweep)",
+                      disable=not self.progress) as bar:
+                for archs, searcher in ((seeds, "seed"), (sweep, "sweep")):
+                    for _ in ev.evaluate_each(archs, searcher=searcher):  # archived: a resumed search skips them
+                        bar.update()
             summaries = {a: run_search(ev, self.space, self.run, algo=a, budget=self.budget.evaluations,
                                        seed=self.cfg.seed, progress=self.progress) for a in algos}
         finally:
