@@ -172,5 +172,7 @@ def test_eval_of_the_static_arch_is_a_speed_tie(tmp_path, tiny_run):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)["dynamic"]
     assert d["exit_rates"] == [1.0] and d["mac_ratio"] == pytest.approx(1.0, rel=1e-6)
-    assert 0.85 <= d["throughput_ratio"] <= 1.15, d["throughput_ratio"]
-    assert 0.85 <= d["latency_ratio"] <= 1.15, d["latency_ratio"]
+    # within 1.4x either way: beside the other test worker on 2 cores a fresh clone's CI measured 0.80 (stop 46);
+    # the separately timed loops this guards against reported 1.86
+    assert 1 / 1.4 <= d["throughput_ratio"] <= 1.4, d["throughput_ratio"]
+    assert 1 / 1.4 <= d["latency_ratio"] <= 1.4, d["latency_ratio"]
