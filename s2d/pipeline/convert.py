@@ -62,10 +62,10 @@ class Budget:
     compare_random: bool  # also run random search at the same number of evaluations
     test_limit: int | None = None  # test images in the report (None: all)
     report_val_images: int | None = None  # validation images for the report's calibration (None: all)
-    head_images: int = 5000  # training images whose static features fit the exit heads (initial and final)
+    head_images: int = 5000  # training images whose static features fit the supernet's starting exit heads
     bn_images: int = 2000  # training images that estimate an arch's batch-norm statistics
     probe_images: int = 1000  # validation images of the training progress probe (TensorBoard), at every checkpoint
-    final_head_images: int | None = None  # training images for a full-width arch's heads-only fine-tune (None: all)
+    final_head_images: int | None = None  # training images of the full-width heads: scored and shipped (None: all)
     speed_repeats: int = 20  # paired timing repeats of every report row (batch 256: half of them)
     latency_images: int = 200  # single test images of every report row's batch-1 latency
     speed_rounds: int = 3  # the report's rows are timed together in this many interleaved rounds (RowMeter)

@@ -171,7 +171,7 @@ class ArchEvaluator:
 
         A full-width stage's logits are its exit's, whichever stages come before it (every one computes the static
         network up to its exit, and its head is the exit's), so they are computed once per exit: scoring every
-        full-width arch of ResNet-20 (``sweep_full_width``) then costs a few network passes, not one per arch."""
+        full-width arch of ResNet-20 (``SearchSpace.depth_only_sweep``) costs a few network passes, not one each."""
         if self.full_width is None or not arch.is_full_width:
             return stage_outputs(self.network_for(arch), arch, self.val, self.info, device=self.device,
                                  batch_size=self.batch_size)
