@@ -596,7 +596,9 @@ class Pipeline:
 
         An arch whose stages are all full width computes the static network plus exit heads,
         so it keeps the static weights untouched (the supernet's shared weights lose
-        accuracy to the narrow archs) and only its heads are fitted. Any other arch is
+        accuracy to the narrow archs) and only its heads are fitted: training its backbone with its exits, 1500 KD
+        steps from the static weights, lowered every exit on both zoo models (ResNet-20's shipped stem exit 90.1 ->
+        87.1 % on validation, at lr 0.02 or 0.002, batch-norm statistics per batch or frozen). Any other arch is
         fine-tuned from the importance-ordered static weights, distilled from the static model;
         a cascade's recomputed static last stage is distilled first, on its own.
         """
