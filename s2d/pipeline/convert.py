@@ -44,7 +44,7 @@ from s2d.search.runner import ALGOS, run_search
 from s2d.search.space import SWEEP_LIMIT, SearchSpace
 from s2d.training.distill import kd_finetune
 from s2d.training.heads import HEAD_EPOCHS, exit_heads, init_heads
-from s2d.training.supernet import SupernetConfig, probe, train_archs
+from s2d.training.supernet import SupernetConfig, checkpoint_seconds, probe, train_archs
 from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.importance import CRITERIA, order_channels
 from s2d.transform.sliced import EXIT_HEADS
@@ -432,7 +432,7 @@ class Pipeline:
         assert phase in PHASES, f"{phase!r} is not one of {PHASES}: bench peers would not count its seconds"
         started = self._started.pop(phase, None)
         if started is not None:
-            result["seconds"] = time.perf_counter() - started  # a resumed phase counts its last run only
+            result["seconds"] = time.perf_counter() - started  # resumed: the supernet's counts its checkpoint's too
         self.state[phase] = result
         if distributed.current().is_main:
             write_json_atomic(self.state_path, self.state)
@@ -447,8 +447,9 @@ class Pipeline:
     # --- phases ---------------------------------------------------------------------------
     def supernet_phase(self) -> None:
         """Exit heads as probes of the static features, then sandwich-rule fine-tuning
-        of the supernet, distilled from the static model."""
-        self._started["supernet"] = time.perf_counter()
+        of the supernet, distilled from the static model. A resumed phase's clock starts as far back as its
+        checkpoint's training seconds: ``s2d bench peers`` gives the pruners the whole conversion's time."""
+        self._started["supernet"] = time.perf_counter() - checkpoint_seconds(self.run.checkpoints / "supernet.pt")
         probes = [self.space.width_only(), self.space.depth_only()]
         if not (self.run.checkpoints / "supernet.pt").exists():  # a resumed run has its heads in the checkpoint
             init_heads(self.supernet, self.data.train.subset(self.budget.head_images), self.data.info,
