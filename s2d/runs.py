@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,72 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+class PhaseClock:
+    """The wall clock of a conversion's phases, kept in ``RUN/clock.json`` while a phase runs (rewritten every
+    ``every`` seconds by a daemon thread), so that a phase resumed after a kill goes on counting from where the
+    killed process was: ``s2d bench peers`` gives each pruner as long as the whole conversion took, and training
+    that a kill made the conversion redo is part of that. Pauses between a kill and its resume are not. Only the
+    process that writes the run directory (``write``) keeps the file; other data-parallel ranks just time."""
+
+    def __init__(self, path: Path, *, every: float = 10.0, write: bool = True) -> None:
+        self.path, self.every, self.write = path, every, write
+        self._phase: str | None = None
+        self._base = self._t0 = 0.0
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def recorded(self) -> dict[str, float]:
+        """Seconds per phase as last written (a phase in progress: up to ``every`` seconds ago)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)} if isinstance(data, dict) else {}
+
+    def start(self, phase: str) -> None:
+        """Time ``phase``, from what an earlier process recorded for it."""
+        self._end_thread()
+        self._phase, self._base, self._t0 = phase, self.recorded().get(phase, 0.0), time.perf_counter()
+        if self.write:
+            self._save()
+            self._halt.clear()
+            self._thread = threading.Thread(target=self._beat, name=f"s2d-clock-{phase}", daemon=True)
+            self._thread.start()
+
+    def seconds(self) -> float:
+        return self._base + time.perf_counter() - self._t0
+
+    def stop(self, phase: str) -> float | None:
+        """The phase's seconds over every process that ran it (None: ``phase`` is not being timed)."""
+        if self._phase != phase:
+            return None
+        self._end_thread()
+        seconds = self.seconds()
+        if self.write:
+            self._save(seconds)
+        self._phase = None
+        return seconds
+
+    def _beat(self) -> None:
+        while not self._halt.wait(self.every):
+            self._save()
+
+    def _save(self, seconds: float | None = None) -> None:
+        with self._lock:
+            if self._phase is None:
+                return
+            data = self.recorded()
+            data[self._phase] = self.seconds() if seconds is None else seconds
+            write_json_atomic(self.path, data)
+
+    def _end_thread(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
 
 
 @dataclass

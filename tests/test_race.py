@@ -5,7 +5,6 @@ and resumed there (slow)."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from s2d import checkpoint
 from s2d.models.zoo import get_model
 from s2d.pipeline.convert import race_candidates
 from s2d.runs import Run
-from s2d.training.supernet import SupernetConfig, checkpoint_seconds, train_archs
+from s2d.training.supernet import SupernetConfig, train_archs
 from s2d.transform.arch import MultiStageArch
 from s2d.transform.supernet import SuperNet
 from tests.test_prune import _synthetic
@@ -77,18 +76,11 @@ def test_training_stopped_part_way_goes_on_with_the_same_schedule(tmp_path):
     straight = checkpoint.load(tmp_path / "straight" / "checkpoints" / "ft.pt")
     assert 0 < lr_at_stop < cfg.lr and straight["step"] == 4
     moved = {k: v.clone() for k, v in nets["stopped"].state_dict().items()}
-    moved_seconds = state["seconds_spent"]
     assert train("stopped", 2) is nets["stopped"]  # already there: nothing trains
     assert all(torch.equal(moved[k], v) for k, v in nets["stopped"].state_dict().items())
-    started = time.perf_counter()
     train("stopped", None)
-    took = time.perf_counter() - started
     state = checkpoint.load(tmp_path / "stopped" / "checkpoints" / "ft.pt")
     assert state["step"] == 4
-    # the training seconds accumulate over the runs that resumed it (what a resumed conversion's clock adds)
-    before = checkpoint_seconds(tmp_path / "stopped" / "checkpoints" / "ft.pt")
-    assert before == state["seconds_spent"] and 0 < moved_seconds < before <= moved_seconds + took
-    assert checkpoint_seconds(tmp_path / "none.pt") == 0.0
     assert state["scheduler"]["_last_lr"] == pytest.approx(straight["scheduler"]["_last_lr"], rel=1e-12)
     # and a fresh process resumes it from the checkpoint alone, weights included
     fresh = copy.deepcopy(start)

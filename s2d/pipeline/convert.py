@@ -37,14 +37,14 @@ from s2d.measure.timing import deployable
 from s2d.models.zoo import load_model
 from s2d.pipeline.format import race_markdown, stages_summary
 from s2d.pipeline.report import RowMeter, ThresholdChooser, cheapest_points, write_report
-from s2d.runs import PHASES, Run, cache_dir, open_run, write_json_atomic
+from s2d.runs import PHASES, PhaseClock, Run, cache_dir, open_run, write_json_atomic
 from s2d.search.archive import Archive
 from s2d.search.evaluator import ArchEvaluator, Objective
 from s2d.search.runner import ALGOS, run_search
 from s2d.search.space import SWEEP_LIMIT, SearchSpace
 from s2d.training.distill import kd_finetune
 from s2d.training.heads import HEAD_EPOCHS, exit_heads, init_heads
-from s2d.training.supernet import SupernetConfig, checkpoint_seconds, probe, train_archs
+from s2d.training.supernet import SupernetConfig, probe, train_archs
 from s2d.transform.arch import MultiStageArch, static_arch
 from s2d.transform.importance import CRITERIA, order_channels
 from s2d.transform.sliced import EXIT_HEADS
@@ -340,7 +340,7 @@ class Pipeline:
                                  search_thresholds=cfg.search_thresholds, section_widths=cfg.section_widths)
         self.archive = Archive(self.run.root / "archive.jsonl")
         self.state_path = self.run.root / "state.json"
-        self._started: dict[str, float] = {}
+        self.clock = PhaseClock(self.run.root / "clock.json", write=distributed.current().is_main)
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
 
     @property
@@ -427,12 +427,12 @@ class Pipeline:
             sn.use_arch_statistics(None)
 
     def _done(self, phase: str, **result: Any) -> None:
-        """Record a finished phase with its wall clock in this process (what `s2d bench peers` gives the
-        peers: the same time s2d took, summed over ``PHASES``)."""
+        """Record a finished phase with its wall clock over every process that ran it (what `s2d bench peers`
+        gives the peers: the same time s2d took, summed over ``PHASES``)."""
         assert phase in PHASES, f"{phase!r} is not one of {PHASES}: bench peers would not count its seconds"
-        started = self._started.pop(phase, None)
-        if started is not None:
-            result["seconds"] = time.perf_counter() - started  # resumed: the supernet's counts its checkpoint's too
+        seconds = self.clock.stop(phase)
+        if seconds is not None:
+            result["seconds"] = seconds
         self.state[phase] = result
         if distributed.current().is_main:
             write_json_atomic(self.state_path, self.state)
@@ -447,9 +447,8 @@ class Pipeline:
     # --- phases ---------------------------------------------------------------------------
     def supernet_phase(self) -> None:
         """Exit heads as probes of the static features, then sandwich-rule fine-tuning
-        of the supernet, distilled from the static model. A resumed phase's clock starts as far back as its
-        checkpoint's training seconds: ``s2d bench peers`` gives the pruners the whole conversion's time."""
-        self._started["supernet"] = time.perf_counter() - checkpoint_seconds(self.run.checkpoints / "supernet.pt")
+        of the supernet, distilled from the static model."""
+        self.clock.start("supernet")
         probes = [self.space.width_only(), self.space.depth_only()]
         if not (self.run.checkpoints / "supernet.pt").exists():  # a resumed run has its heads in the checkpoint
             init_heads(self.supernet, self.data.train.subset(self.budget.head_images), self.data.info,
@@ -540,7 +539,7 @@ class Pipeline:
         return Objective(self.cfg.objective, self.cfg.tolerance / 100, cost=self.cost)
 
     def search_phase(self, algos: list[str] | None = None) -> dict[str, Any]:
-        self._started["search"] = time.perf_counter()
+        self.clock.start("search")
         self.load_supernet()
         algos = algos or [self.cfg.algo, *(["random"] if self.budget.compare_random and self.cfg.algo != "random"
                                            else [])]
@@ -603,7 +602,7 @@ class Pipeline:
         fine-tuned from the importance-ordered static weights, distilled from the static model;
         a cascade's recomputed static last stage is distilled first, on its own.
         """
-        self._started["finetune"] = time.perf_counter()
+        self.clock.start("finetune")
         self.load_supernet()
         arch = self.chosen_arch(keep_thresholds=True)
         if arch.is_full_width:  # no training: rank 0 fits the heads, the others wait for its checkpoint
@@ -766,7 +765,7 @@ class Pipeline:
         """Every figure of the report, on the test split: the static model, the baselines and the
         searched arch on the supernet, and the chosen network after its fine-tune, with its operating
         points. Thresholds are calibrated on validation data for every row, never on test data."""
-        self._started["report"] = time.perf_counter()
+        self.clock.start("report")
         device = self.cfg.device
         static = evaluate_static(self.static, self.data, device=device, limit=self.budget.test_limit)
         meter = RowMeter(self.static, static, self.data, device=device, limit=self.budget.test_limit,

@@ -97,8 +97,8 @@ def conversion_seconds(run_dir: str | Path) -> tuple[float, str]:
     """How long the conversion in ``run_dir`` took, and how that was found out (to print).
 
     The sum of the per-phase ``seconds`` in ``state.json`` when every phase records one (the
-    conversion's own wall clock, which leaves out pauses between a killed run and its resume; a resumed
-    supernet phase adds the training seconds its checkpoint records, other resumed phases count their last run);
+    conversion's own wall clock over every process that ran a phase, a killed one included (``PhaseClock``), which
+    leaves out pauses between a killed run and its resume);
     otherwise the span of the conversion's file times: from the oldest file (or TensorBoard event
     file creation) to the newest of the report phase's outputs (``report.json``, ``report.md``,
     ``pareto.png``, ``state.json``), the conversion's last writes. Other files are no end mark:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -216,7 +215,7 @@ class PickPipeline(Pipeline):
         """No search: R's candidates (:func:`candidate_records`) scored by this run's evaluator, under its
         objective, into its own archive (a killed pick resumes without re-scoring), then chosen as a
         conversion chooses. Each keeps the searcher R found it with."""
-        self._started["search"] = time.perf_counter()
+        self.clock.start("search")
         self.load_supernet()
         ev = self.evaluator(self.budget.search_val_images)
         log = []

@@ -8,10 +8,8 @@ fine-tune, with distillation from the static model's logits.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,8 +66,6 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
 
     ``until`` stops (and checkpoints) after that many of the ``cfg.steps`` steps, on their schedule: a later
     call goes on from there as a resumed run does (an arch race trains every candidate that far).
-    Every checkpoint records the training seconds behind it (``seconds_spent``, over all the runs that resumed
-    it): what a resumed conversion adds to its own clock (:func:`checkpoint_seconds`).
 
     With ``cfg.bn == "batch"`` every arch trains with its own batch statistics (an arch
     with narrow early stages drops weight blocks, so its activations have other statistics
@@ -90,7 +86,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
     rng = np.random.default_rng(cfg.seed)
     path = run.checkpoints / ckpt_name
-    step, spent_before = 0, 0.0
+    step = 0
     if path.exists():
         state = checkpoint.load(path)
         if state.get("steps") != cfg.steps:
@@ -101,8 +97,6 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
         sched.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         step = state["step"]
-        spent_before = float(state.get("seconds_spent", 0.0))  # absent from checkpoints of before stop 47
-    started = time.perf_counter()
     stop = cfg.steps if until is None else min(until, cfg.steps)
     if step >= stop:
         return {}
@@ -121,8 +115,7 @@ def train_archs(supernet: SuperNet, teacher: torch.nn.Module, data: Dataset, sam
     def save() -> None:
         checkpoint.save_atomic({"state_dict": supernet.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "rng": rng.bit_generator.state,
-                                "step": step, "steps": cfg.steps,
-                                "seconds_spent": spent_before + time.perf_counter() - started}, path)
+                                "step": step, "steps": cfg.steps}, path)
 
     stats: dict[str, float] = {}
     seen: set[str] = set()  # archs drawn so far: the second draw of one times its layouts
@@ -204,11 +197,6 @@ def _choose_layouts(supernet: SuperNet, archs: list[MultiStageArch], seen: set[s
                 writer.add_text(f"{tag}/layouts", f"{key}: {LAYOUT_NAMES[supernet.training_layouts[key]]} "
                                 f"({timed or 'not timed: narrow convs, or not on a single CPU process'})")
         seen.add(key)
-
-
-def checkpoint_seconds(path: Path) -> float:
-    """Training seconds behind a ``train_archs`` checkpoint (0 when there is none, or it predates the record)."""
-    return float(checkpoint.load(path).get("seconds_spent", 0.0)) if path.exists() else 0.0
 
 
 class StepLoss(torch.nn.Module):
