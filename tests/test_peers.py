@@ -22,7 +22,8 @@ from s2d import checkpoint
 from s2d.cli import main
 from s2d.data import Dataset
 from s2d.errors import S2DError
-from s2d.measure.accuracy import accuracy, stage_outputs
+from s2d.measure.accuracy import StageOutputs, accuracy, stage_outputs
+from s2d.measure.calibration import threshold_rule_bound
 from s2d.measure.cost import stage_macs, static_cost
 from s2d.models import get_model
 from s2d.pipeline import peers
@@ -95,6 +96,29 @@ def test_oracle_bound_hand_made():
     assert o["mac_ratio"] == pytest.approx(o["average_macs"] / 100)
     assert o["exit_rates"] == pytest.approx([0.5, 0.25, 0.25])
     assert o["stage_accuracy"] == pytest.approx([0.25, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("errors_least_confident", [True, False])
+def test_threshold_rule_bound_hand_made(errors_least_confident):
+    """A first stage right on 8 of 10 samples (cost 1), a second right on all (cost 10 more): the oracle averages
+    (8 * 1 + 2 * 11) / 10 = 3.0 MACs. Where the first stage is least confident on its 2 errors, thresholds match
+    the oracle; where it is most confident on them, keeping every sample right means sending all on (11 MACs)."""
+    correct = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10], dtype=torch.bool)
+    conf = torch.linspace(0.1, 1.0, 10) if errors_least_confident else torch.linspace(1.0, 0.1, 10)
+    outs = StageOutputs(torch.stack([conf, torch.ones(10)]), correct)
+    oracle = oracle_bound(correct, [1.0, 10.0], static_macs=11.0)
+    assert oracle["average_macs"] == pytest.approx(3.0)
+    rule = threshold_rule_bound(outs, [1.0, 10.0], oracle_macs=oracle["average_macs"], reference_accuracy=1.0)
+    if errors_least_confident:
+        assert rule["accuracy_within"] == 1.0
+        assert rule["oracle_multiple_at_0.2"] == rule["oracle_multiple_at_0.5"] == pytest.approx(1.0)
+    else:  # within 1.3 x 3.0 MACs at most 2 samples go on (2.8 MACs), the 2 least confident: both were right
+        assert rule["accuracy_within"] == pytest.approx(0.8)
+        assert rule["oracle_multiple_at_0.2"] == pytest.approx(11.0 / 3.0)
+    # one stage: no thresholds, its accuracy at its cost
+    one = threshold_rule_bound(StageOutputs(conf[None], correct[1:]), [11.0], oracle_macs=11.0, reference_accuracy=1.0)
+    assert one == {"within_oracle": 1.3, "accuracy_within": 1.0, "oracle_multiple_at_0.2": 1.0,
+                   "oracle_multiple_at_0.5": 1.0}
 
 
 def test_peers_json_stays_strict_json():
@@ -239,7 +263,9 @@ def test_rows_of_every_network(peer_run):
     # the oracle exits at the first correct stage: at least as accurate as any stage, cheaper than the last
     assert oracle["test_accuracy"] >= max(oracle["stage_accuracy"]) - 1e-12
     assert oracle["throughput_ratio"] is None and 0 < oracle["mac_ratio"] < 1
-    assert res["oracle"]["test_accuracy"] == oracle["test_accuracy"]
+    assert res["oracle"]["test_accuracy"] == oracle["test_accuracy"] and "threshold_rule" not in oracle
+    rule = res["oracle"]["threshold_rule"]  # thresholds fitted on the test images: never above the oracle's accuracy
+    assert rule["within_oracle"] == 1.3 and rule["accuracy_within"] <= oracle["test_accuracy"] + 1e-12
     assert [v["peer"] for v in res["verdicts"]] == ["Torch-Pruning 1/2", "Torch-Pruning 1/4"]
     # every row but the oracle's and the baseline's names the test images it gets wrong, as many as it scores
     for row in (static, tp2, tp4, searched, p05, p10):  # (the budget point's accuracy here is hand-written)
@@ -247,6 +273,7 @@ def test_rows_of_every_network(peer_run):
     assert all(v["p_value"] is not None and 0 < v["p_value"] <= 1 for v in res["verdicts"])
     md = (root / "peers" / "peers.md").read_text()
     assert "| Torch-Pruning 1/4 |" in md and "Oracle bound:" in md and "not available" not in md
+    assert peers.rule_bound_line(rule, res["static_test_accuracy"]) in md
     assert all(v["line"] in md for v in res["verdicts"])
     assert (root / "peers" / "peers.png").stat().st_size > 10_000
 

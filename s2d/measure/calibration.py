@@ -186,3 +186,30 @@ def calibrate_thresholds(outputs: StageOutputs, costs: list[float], min_accuracy
 def calibrate_budget_thresholds(outputs: StageOutputs, costs: list[float], max_macs: float) -> list[float]:
     """:func:`calibrate_budget` on one arch's stage outputs, thresholds snapped to float32."""
     return float32_thresholds(calibrate_budget(outputs.confidence, outputs.correct, costs, max_macs)[0])
+
+
+RULE_BOUND_WITHIN = 1.3  # #10's target: average MACs within 1.3x of the oracle over the same stages
+RULE_BOUND_POINTS = (0.2, 0.5)  # accuracy drops at which the bound states the cheapest setting
+
+
+def threshold_rule_bound(outputs: StageOutputs, costs: list[float], *, oracle_macs: float, reference_accuracy: float,
+                         grid: int = 40) -> dict[str, float | None]:
+    """How near the oracle any confidence-threshold rule on these stages can come: every setting of the grid
+    calibration searches, scored on the very samples the oracle is (fitted in-sample, so a bound, never a figure to
+    ship). It tells a stage set whose oracle is out of reach (a near-free first exit that is right on most samples,
+    whose few errors its confidence cannot single out) from thresholds that leave MACs on the table.
+
+    Returns the best accuracy at average MACs within ``RULE_BOUND_WITHIN`` times ``oracle_macs``, and for each of
+    ``RULE_BOUND_POINTS`` the fewest average MACs, as a multiple of ``oracle_macs``, of a setting at most that many
+    points below ``reference_accuracy`` (None: no setting)."""
+    if len(costs) == 1:
+        acc, cost = outputs.correct.double().mean(1).numpy(), np.asarray(costs, dtype=np.float64)
+    else:
+        acc, cost, _ = _all_settings(outputs.confidence, outputs.correct, costs, grid)
+    near = cost <= RULE_BOUND_WITHIN * oracle_macs * (1 + 1e-12)
+    out: dict[str, float | None] = {"within_oracle": RULE_BOUND_WITHIN,
+                                    "accuracy_within": float(acc[near].max()) if near.any() else None}
+    for points in RULE_BOUND_POINTS:
+        keeps = acc >= reference_accuracy - points / 100 - 1e-12
+        out[f"oracle_multiple_at_{points}"] = float(cost[keeps].min() / oracle_macs) if keeps.any() else None
+    return out

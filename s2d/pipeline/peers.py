@@ -39,6 +39,7 @@ from s2d import checkpoint
 from s2d.data import Dataset, DatasetInfo, Split, load_dataset
 from s2d.errors import S2DError
 from s2d.measure.accuracy import StageOutputs, logits, stage_outputs
+from s2d.measure.calibration import RULE_BOUND_POINTS, threshold_rule_bound
 from s2d.measure.cost import stage_macs, static_cost
 from s2d.measure.network import RATIO_KEYS, paired_figures_in_rounds
 from s2d.measure.significance import paired_comparison
@@ -293,9 +294,10 @@ def _s2d_network(root: Path, config: dict[str, Any], data: Dataset, *, device: s
                               tolerance=0.0, device=device)
 
 
-def _s2d_measured(root: Path, report: dict[str, Any], data: Dataset, test: Split, static_macs: float,
+def _s2d_measured(root: Path, report: dict[str, Any], data: Dataset, test: Split, static_macs: float, static_acc: float,
                   network: Callable[[], tuple[SuperNet, MultiStageArch]], *, device: str) -> dict[str, Any]:
-    """The oracle bound and the test images each operating and budget point gets wrong, from
+    """The oracle bound (with how near it a threshold rule can come) and the test images each operating and budget
+    point gets wrong, from
     ``checkpoints/dynamic.pt`` (the points' speed is timed with the other networks, see :func:`run_peers`).
 
     Only when the rebuilt network reproduces the report's test accuracy at its thresholds (else
@@ -327,8 +329,11 @@ def _s2d_measured(root: Path, report: dict[str, Any], data: Dataset, test: Split
                        "test_accuracy_here": outs.accuracy(point["thresholds"])})
     budget_points = [{"target_mac_ratio": p["target_mac_ratio"], "thresholds": p["thresholds"]}
                      for p in report.get("budget_points", [])]
+    oracle = oracle_bound(outs.correct, costs, static_macs)
+    oracle["threshold_rule"] = threshold_rule_bound(outs, costs, oracle_macs=oracle["average_macs"],
+                                                    reference_accuracy=static_acc)
     return {"available": True, "sha256": checkpoint.sha256(path), "test_images": len(test),
-            "oracle": oracle_bound(outs.correct, costs, static_macs), "stage_macs": costs, "operating_points": points,
+            "oracle": oracle, "stage_macs": costs, "operating_points": points,
             "budget_points": budget_points, "test_wrong": wrong}
 
 
@@ -409,7 +414,8 @@ def _report_rows(report: dict[str, Any], measured: dict[str, Any], static_acc: f
                      "cost_seconds": conversion_s, "test_wrong": wrong.get(f"budget:{point['target_mac_ratio']}")})
     if measured.get("available"):
         o = measured["oracle"]
-        rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle", **o,
+        rows.append({"name": "oracle exits on s2d's stages (bound)", "kind": "oracle",
+                     **{k: v for k, v in o.items() if k != "threshold_rule"},
                      **dict.fromkeys(RATIO_KEYS), "speed_source": None, "cost_seconds": None})
     for r in rows:
         r["accuracy_delta_points"] = (r["test_accuracy"] - static_acc) * 100
@@ -511,9 +517,10 @@ def run_peers(run_dir: str | Path, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     dyn = root / "checkpoints" / "dynamic.pt"
     if not (measured.get("available") and dyn.exists() and measured.get("sha256") == checkpoint.sha256(dyn)
             and measured.get("test_images") == len(test) and "test_wrong" in measured
+            and "threshold_rule" in measured.get("oracle", {})
             and all("thresholds" in p for p in measured.get("budget_points", []) + measured["operating_points"])):
         log("s2d: oracle bound and operating points from checkpoints/dynamic.pt")
-        measured = _s2d_measured(root, report, data, test, static_macs, s2d_network, device=device)
+        measured = _s2d_measured(root, report, data, test, static_macs, static_acc, s2d_network, device=device)
         if not measured["available"]:
             log(f"s2d: oracle bound not available: {measured['reason']}")
 
@@ -554,6 +561,21 @@ def _cell(v: float | None, fmt: str, spread: list[float] | None = None) -> str:
     return format(v, fmt) + ("" if spread is None else f" ({spread[0]:{fmt}}–{spread[1]:{fmt}})")
 
 
+def rule_bound_line(rule: dict[str, Any], static_accuracy: float) -> str:
+    """How near the oracle a threshold rule can come (:func:`threshold_rule_bound`), in words."""
+    within = rule["within_oracle"]
+    best = rule["accuracy_within"]
+    at = ("no setting is that cheap" if best is None
+          else f"at most {best * 100:.2f} % ({(best - static_accuracy) * 100:+.2f} points)")
+    multiples = " / ".join("none" if rule.get(f"oracle_multiple_at_{p}") is None
+                           else f"{rule[f'oracle_multiple_at_{p}']:.2f}x" for p in RULE_BOUND_POINTS)
+    points = " / ".join(f"{p}" for p in RULE_BOUND_POINTS)
+    return (f"How near the oracle any confidence-threshold rule on these stages can come (every setting of the "
+            f"calibration grid, fitted on these very test images: a bound, not a network to ship): within {within}x "
+            f"the oracle's MACs, {at}; within {points} points of the static model, at least {multiples} the "
+            "oracle's MACs.")
+
+
 def peers_markdown(res: dict[str, Any]) -> str:
     """``peers.md``: the table, the verdicts and where the figures come from (measures nothing)."""
     lines = [f"# s2d against its peers: {res['model']} on {res['dataset']}", "",
@@ -577,6 +599,8 @@ def peers_markdown(res: dict[str, Any]) -> str:
                    f"is): {oracle['test_accuracy'] * 100:.2f} % at {1 / oracle['mac_ratio']:.2f}x fewer MACs; no "
                    "exit rule on these stages can beat it, and it has no speed figure (it is not deployable).")
               if oracle.get("available", True) else f"Oracle bound: not available ({oracle['reason']})."]
+    if oracle.get("threshold_rule"):
+        lines += ["", rule_bound_line(oracle["threshold_rule"], res["static_test_accuracy"])]
     lines += ["", "Speed ratios are wall-clock on this machine, each timed interleaved with the deployed static model "
               "(BN folded, channels-last on the CPU, as s2d's stages): throughput > 1 and latency < 1 are faster; "
               "batch-1 latency is the mean time per image over single test images (each image's fastest of 3 "
