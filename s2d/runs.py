@@ -94,9 +94,16 @@ class PhaseClock:
         self._phase = None
         return seconds
 
+    def halt(self) -> None:
+        """Stop timing without recording an end (a phase that raised): what was last written stays, as after a
+        kill, and no thread outlives the phase."""
+        self._end_thread()
+        self._phase = None
+
     def _beat(self) -> None:
         while not self._halt.wait(self.every):
-            self._save()
+            if self.path.parent.is_dir():  # never recreate a run directory removed under a running phase
+                self._save()
 
     def _save(self, seconds: float | None = None) -> None:
         with self._lock:

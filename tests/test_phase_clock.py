@@ -67,3 +67,20 @@ def test_an_unreadable_clock_file_counts_from_zero(tmp_path):
     clock.start("search")
     assert clock.stop("search") < 0.5
     assert set(clock.recorded()) == {"search"}
+
+
+def test_a_halted_phase_keeps_its_last_heartbeat_and_no_thread(tmp_path):
+    """A phase that raised: timing stops, nothing more is written, and a removed run directory is not recreated."""
+    clock = PhaseClock(tmp_path / "run" / "clock.json", every=0.02)
+    clock.start("search")
+    time.sleep(0.1)
+    clock.halt()
+    written = clock.recorded()["search"]
+    time.sleep(0.1)
+    assert clock.recorded()["search"] == written and clock.stop("search") is None
+    clock.start("report")
+    (tmp_path / "run" / "clock.json").unlink()
+    (tmp_path / "run").rmdir()
+    time.sleep(0.1)
+    assert not (tmp_path / "run").exists()
+    clock.halt()

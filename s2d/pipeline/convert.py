@@ -852,6 +852,12 @@ class Pipeline:
     def run_all(self) -> dict[str, Any]:
         """Every phase not done yet. Under torchrun the training phases run data-parallel on every rank;
         the search and the report, on rank 0 while the others wait, and its results reach them all."""
+        try:
+            return self._run_phases()
+        finally:
+            self.clock.halt()  # a phase that raised leaves its last heartbeat, as a kill does
+
+    def _run_phases(self) -> dict[str, Any]:
         world = distributed.current()
         if "supernet" not in self.state:
             self.supernet_phase()
